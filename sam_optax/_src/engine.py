@@ -18,6 +18,7 @@ The same pieces run in a one-call form (`update` evaluates `grad_fn`) and a two-
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -27,6 +28,7 @@ import optax
 from optax._src import numerics
 
 from sam_optax._src import chunking
+from sam_optax._src import control
 from sam_optax._src import tree
 from sam_optax._src.hyperparams import check_positive_int
 
@@ -62,16 +64,19 @@ class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
   `init` and `update` are the usual optax pair. `update_with_aux(grads, state, params,
   grad_fn=...)` runs the same step and returns `(updates, state, aux)`, where `aux` is what a
   `grad_fn` built with `has_aux=True` returned at the perturbed params (zeros of the same
-  structure on steps without a perturbed pass). `has_aux` records whether `grad_fn` must
-  return `(grads, aux)`, so that wrappers (e.g. `sam_optax.flax`) can build a matching one.
+  structure on steps without a perturbed pass); it raises a ValueError for a transformation
+  built without `has_aux=True` or with `two_call=True`. `has_aux` records whether `grad_fn`
+  must return `(grads, aux)`, so that wrappers (e.g. `sam_optax.flax`) can build a matching
+  one; `two_call` whether it is the two-call form.
   """
 
-  def __new__(cls, init, update, update_with_aux=None, has_aux=False):
+  def __new__(cls, init, update, update_with_aux=None, has_aux=False, two_call=False):
     self = super().__new__(cls, init, update)
     # Instances of optax's NamedTuple subclasses carry a __dict__; the third entry point lives
     # there so that optax, which reads the two fields, sees an ordinary transformation.
     self.update_with_aux = update_with_aux
     self.has_aux = has_aux
+    self.two_call = two_call
     return self
 
 
@@ -188,7 +193,11 @@ def sharpness_aware(
       rounding of a second compilation. The named variants pass False when every radius
       (`rho`, `rho_max`, `rho_min`) is a concrete positive number, so that a zero perturbation
       can only come from a zero gradient; with `rho = 0`, a schedule or an injected
-      hyperparameter they keep True.
+      hyperparameter they keep True. One-call form only, where `grad_fn` runs in the same
+      program as the caller's `g`: in the two-call form the descent call's gradient at
+      `w + 0 = w` is the caller's own, computed as `g` was (by the same jitted function, it is
+      `g` bit for bit), so `g` is not kept for this and the state's structure never depends
+      on the radii (a correction or cadence that keeps `g` still selects it).
     ascent_reads_grads: False for ascents that do not read the clean gradient `g` (they take
       no gradient, like Momentum-SAM, or evaluate their own, like random SAM and bSAM). The
       engine then does not substitute `g` for the perturbed gradient when `eps = 0`, so the
@@ -258,19 +267,28 @@ def sharpness_aware(
   if two_call and linearize:
     raise ValueError("linearize=True takes a Hessian-vector product of grad_fn, which the "
                      "two-call form does not have: use the one-call form (pass grad_fn=...).")
-  # The two-call form's descent call reads the ascent call's gradient only for a correction, the
-  # off steps of a cadence or window, and the exact select at a zero perturbation. Otherwise it
-  # is not kept: one param-sized buffer less in the state, and none written by each call.
-  keeps_clean_grads = (correction is not None or cadence is not None or window is not None
-                       or (ascent_reads_grads and exact_at_zero))
+  # The two-call form's descent call reads the ascent call's gradient only for a correction and
+  # the off steps of a cadence or window. Otherwise it is not kept: one param-sized buffer less
+  # in the state, and none written by each call. The exact select at a zero perturbation does
+  # not need it there: the descent call then receives the caller's own gradient at w + 0 = w,
+  # computed as g was. So the state's structure depends on these structural choices only,
+  # never on the values of the hyperparameters (`exact_at_zero` follows them): a state built
+  # with a float rho fits a schedule's or `optax.inject_hyperparams`' traced rho.
+  keeps_clean_grads = correction is not None or cadence is not None or window is not None
   inner = optax.with_extra_args_support(inner)
   ascent = optax.with_extra_args_support(ascent)
+  # Without a correction the direction is g_adv itself, which carries any NaN or Inf of g_adv:
+  # only a correction (which may drop it) makes the engine check g_adv too.
+  checks_grads_adv = correction is not None
   correction = optax.with_extra_args_support(correction if correction is not None
                                              else optax.identity())
   if mask is not None:
     ascent = optax.masked(ascent, mask)
 
   def init(params):
+    _refuse_wrappers(two_call)
+    if mask is not None:
+      _check_mask(mask(params) if callable(mask) else mask, params)
     pending = None
     if two_call:
       pending = PendingDescent(descending=jnp.zeros([], jnp.bool_),
@@ -287,6 +305,8 @@ def sharpness_aware(
   def perturb(grads, ascent_state, params, extra):
     """eps = A(g), zero outside the mask."""
     mask_tree = mask(params) if callable(mask) else mask
+    if mask is not None:
+      _check_mask(mask_tree, params)
     if mask is not None and extra.get("grad_fn") is not None:
       # optax.masked hands the ascent the masked leaves only: so must its gradient function.
       extra = dict(extra, grad_fn=_masked_grad_fn(extra["grad_fn"], mask_tree, params))
@@ -311,11 +331,37 @@ def sharpness_aware(
       term = tree.select(takes_perturbed_pass(count), term, optax.tree.zeros_like(term))
     return jax.tree.map(lambda u, v: (u + v.astype(u.dtype)).astype(u.dtype), updates, term)
 
+  def nonfinite_through(values, *gradients):
+    """`values`, made NaN everywhere when one of `gradients` holds a NaN or an infinity.
+
+    A traced step cannot raise, so a non-finite gradient must reach the updates for
+    `skip_if_nonfinite` and `optax.apply_if_finite` to see it; the rules alone may drop it (a
+    perturbed gradient that saturates to a finite value at a NaN point, a leaf ESAM did not
+    draw, a correction's ratio). The test reads `||g||`, which is non-finite exactly when an
+    entry is (`tree.norm` does not overflow): the reduction the normalized ascents already make
+    on `g`, which XLA computes once.
+    """
+    if not gradients:
+      return values
+    finite = jnp.asarray(True)
+    for grads_ in gradients:
+      finite = finite & jnp.isfinite(tree.norm(grads_, axis_name=param_axis_name))
+    return jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan).astype(v.dtype), values)
+
+  def read_gradients(clean_grads, grads_adv):
+    """The gradients a perturbed step's direction must carry the non-finite entries of: g when
+    the ascent reads it (a variant that ignores g, e.g. Momentum-SAM, must not make the caller
+    compute it), and g_adv when a correction comes between it and the direction."""
+    return (((clean_grads,) if ascent_reads_grads else ())
+            + ((grads_adv,) if checks_grads_adv else ()))
+
   def keep_clean_at_zero(eps, clean_grads, grads_adv):
     """A zero perturbation (rho = 0, a zero gradient) leaves the clean gradient: select it, so
     that the step equals the inner optimizer's bit for bit whatever order XLA reduces in."""
-    if not (ascent_reads_grads and exact_at_zero):
-      return grads_adv  # reading g here would keep the caller's clean gradient alive
+    if not (ascent_reads_grads and exact_at_zero) or clean_grads is None:
+      # Reading g here would keep the caller's clean gradient alive; the two-call form keeps
+      # it only for a correction or cadence (see keeps_clean_grads).
+      return grads_adv
     return tree.select(zero_everywhere(eps), clean_grads, grads_adv)
 
   def zero_everywhere(eps):
@@ -354,11 +400,13 @@ def sharpness_aware(
     return on if cadence is None else on & cadence(count)
 
   def take_step(grads, state, params, *, grad_fn, batch=None, chunks=None, **extra):
-    _refuse_multisteps()
+    _refuse_wrappers(two_call)
     _check_state(state, two_call)
     chunked = _chunked_batch(chunk_size, batch, chunks)
     _check_params_and_grads(grads, params, optional=chunked is not None)
     _check_grad_fn(grad_fn, chunked is not None)
+    _refuse_reserved_keywords(extra)
+    grad_fn = _explained_signature(grad_fn, chunked is not None)
     if axis_name is not None:
       # Inside shard_map, gradients at params marked varying over the data axis are each
       # device's own (not summed over the axis), which the averaging below expects.
@@ -400,14 +448,16 @@ def sharpness_aware(
       ascent_state = synced(ascent_state)
       direction, correction_state = correct(clean_grads, grads_adv, state.correction_state,
                                             params, True, extra, ascent_state)
+      direction = nonfinite_through(direction, *read_gradients(clean_grads, grads_adv))
       return direction, ascent_state, correction_state, aux
 
     def plain_step(_):
       clean_grads = data_mean(clean_gradient())
 
       def corrected(_):
-        return correct(clean_grads, clean_grads, state.correction_state, params, False, extra,
-                       state.ascent_state)
+        direction, correction_state = correct(clean_grads, clean_grads, state.correction_state,
+                                              params, False, extra, state.ascent_state)
+        return nonfinite_through(direction, clean_grads), correction_state
 
       def uncorrected(_):
         return clean_grads, state.correction_state
@@ -417,16 +467,18 @@ def sharpness_aware(
       if window is None:
         direction, correction_state = corrected(None)
       else:
-        direction, correction_state = jax.lax.cond(in_window(state.count), corrected,
+        direction, correction_state = control.cond(in_window(state.count), corrected,
                                                    uncorrected, None)
-      aux_shape = jax.eval_shape(perturbed_step, None)[3]
-      zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+      zero_aux = None  # what grad_fn's aux is without has_aux: no trace to find its shape
+      if has_aux:
+        aux_shape = jax.eval_shape(perturbed_step, None)[3]
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
       return direction, state.ascent_state, correction_state, zero_aux
 
     if cadence is None and window is None:
       direction, ascent_state, correction_state, aux = perturbed_step(None)
     else:
-      direction, ascent_state, correction_state, aux = jax.lax.cond(
+      direction, ascent_state, correction_state, aux = control.cond(
           takes_perturbed_pass(state.count), perturbed_step, plain_step, None)
     updates, inner_state = inner.update(direction, state.inner_state, params, **extra)
     updates = add_decoupled(updates, correction_state, params, state.count)
@@ -437,8 +489,18 @@ def sharpness_aware(
 
   def update_with_aux(grads, state, params=None, *, grad_fn=None, **extra):
     if two_call:
-      raise ValueError("update_with_aux belongs to the one-call form; in the two-call form you "
-                       "compute the perturbed gradient (and its aux) yourself.")
+      raise ValueError(
+          "update_with_aux belongs to the one-call form, and this transformation was built "
+          "with two_call=True: there you compute the perturbed gradient (and its aux) "
+          "yourself, at the params the ascent call returned, and pass it to tx.update. To get "
+          "the perturbed pass's aux from the engine, build it without two_call=True and with "
+          "has_aux=True.")
+    if not has_aux:
+      raise ValueError(
+          "update_with_aux returns the aux of grad_fn's perturbed pass, but this "
+          "transformation was built without has_aux=True, so grad_fn returns no aux. Build it "
+          "with has_aux=True and a grad_fn returning (grads, aux), e.g. "
+          "grad_fn=jax.grad(loss, has_aux=True); or call tx.update.")
     return take_step(grads, state, params, grad_fn=grad_fn, **extra)
 
   def update_one_call(grads, state, params=None, *, grad_fn=None, **extra):
@@ -446,10 +508,11 @@ def sharpness_aware(
     return updates, state
 
   def update_two_call(grads, state, params=None, **extra):
-    _refuse_multisteps()
+    _refuse_wrappers(two_call)
     _check_state(state, two_call)
     _check_params_and_grads(grads, params)
     _refuse_one_call_keywords(extra)
+    _refuse_reserved_keywords(extra)
     extra = {k: v for k, v in extra.items() if k not in _ENGINE_KEYWORDS}
     pending = state.pending
     mean_grads = data_mean(grads)
@@ -458,6 +521,10 @@ def sharpness_aware(
       def with_perturbation(_):
         eps, ascent_state = perturb(ascent_input(grads), state.ascent_state, params,
                                     dict(extra, count=state.count))
+        if ascent_reads_grads:
+          # A NaN eps reaches the descent call's updates, w - (w + eps) + Opt(d), whatever the
+          # gradient at w + eps: the pair's updates carry a non-finite g.
+          eps = nonfinite_through(eps, mean_grads)
         return eps, synced(ascent_state)
 
       def without_perturbation(_):
@@ -466,7 +533,7 @@ def sharpness_aware(
       if cadence is None and window is None:
         eps, ascent_state = with_perturbation(None)
       else:
-        eps, ascent_state = jax.lax.cond(takes_perturbed_pass(state.count), with_perturbation,
+        eps, ascent_state = control.cond(takes_perturbed_pass(state.count), with_perturbation,
                                          without_perturbation, None)
       updates = tree.cast_like(eps, params)
       return updates, state._replace(ascent_state=ascent_state, pending=None)
@@ -479,8 +546,12 @@ def sharpness_aware(
           grads_adv = mean_grads if perturbed else clean_grads
           eps = tree.sub(params, clean_params)
           grads_adv = keep_clean_at_zero(eps, clean_grads, grads_adv)
-          return correct(clean_grads, grads_adv, state.correction_state, clean_params,
-                         perturbed, extra, state.ascent_state)
+          direction, correction_state = correct(clean_grads, grads_adv, state.correction_state,
+                                                clean_params, perturbed, extra,
+                                                state.ascent_state)
+          if checks_grads_adv:
+            direction = nonfinite_through(direction, grads_adv)
+          return direction, correction_state
         return branch
 
       def uncorrected(_):
@@ -490,8 +561,8 @@ def sharpness_aware(
         direction, correction_state = corrected(True)(None)
       else:
         off_step = corrected(False) if window is None else (
-            lambda _: jax.lax.cond(in_window(state.count), corrected(False), uncorrected, None))
-        direction, correction_state = jax.lax.cond(takes_perturbed_pass(state.count),
+            lambda _: control.cond(in_window(state.count), corrected(False), uncorrected, None))
+        direction, correction_state = control.cond(takes_perturbed_pass(state.count),
                                                    corrected(True), off_step, None)
       step, inner_state = inner.update(direction, state.inner_state, clean_params, **extra)
       step = add_decoupled(step, correction_state, clean_params, state.count)
@@ -503,7 +574,7 @@ def sharpness_aware(
           correction_state=correction_state, inner_state=inner_state, pending=None)
       return updates, new_state
 
-    updates, new_state = jax.lax.cond(pending.descending, descent_call, ascent_call, None)
+    updates, new_state = control.cond(pending.descending, descent_call, ascent_call, None)
     # The next descent call needs this call's gradient and params. A descent call writes its own
     # too (the ascent call that follows never reads them): written outside the conditional, the
     # pending buffers are not copied through its branches (on a CPU MLP benchmark this halved
@@ -514,8 +585,11 @@ def sharpness_aware(
     return updates, new_state._replace(pending=new_pending)
 
   if two_call:
-    return SharpnessAwareTransformation(init, update_two_call, None, has_aux)
-  return SharpnessAwareTransformation(init, update_one_call, update_with_aux, has_aux)
+    return SharpnessAwareTransformation(init, _entry_point(update_two_call, init),
+                                        _entry_point(update_with_aux, init), has_aux,
+                                        two_call=True)
+  return SharpnessAwareTransformation(init, _entry_point(update_one_call, init),
+                                      _entry_point(update_with_aux, init), has_aux)
 
 
 def _pmean(tree_, axis_name):
@@ -607,6 +681,131 @@ def _refuse_one_call_keywords(extra):
         f"without two_call=True.")
 
 
+# Keywords the engine itself passes to the ascent and the correction: a caller's keyword of the
+# same name would collide with them (or be silently replaced).
+_RESERVED_KEYWORDS = ("count", "clean_grads", "perturbed", "param_axis_name", "ascent_state")
+
+
+def _refuse_reserved_keywords(extra):
+  given = [k for k in _RESERVED_KEYWORDS if k in extra]
+  if given:
+    raise ValueError(
+        f"update() got {given[0]}=, a keyword the engine passes to the ascent and the "
+        f"correction itself (reserved: {', '.join(_RESERVED_KEYWORDS)}). Rename your keyword "
+        f"argument; the other keywords of update() are forwarded to the ascent, the correction "
+        f"and the inner optimizer.")
+
+
+def _entry_point(update, init):
+  """`update` with Python-scalar leaves accepted and a foreign state explained.
+
+  Python numbers among the leaves of `grads` and `params` become arrays (JAX's default float
+  type). When the step fails, the state is compared with this transformation's own `init`
+  (traced with `jax.eval_shape`, on the failure path only: nothing is added to a good step),
+  so that the state of another variant or inner optimizer gets an error saying so, not
+  whatever attribute or tree error the mismatch raised first.
+  """
+  @functools.wraps(update)
+  def wrapped(grads, state, params=None, **kwargs):
+    grads, params = _scalars_as_arrays(grads), _scalars_as_arrays(params)
+    try:
+      return update(grads, state, params, **kwargs)
+    except Exception as error:  # pylint: disable=broad-except
+      _explain_foreign_state(error, init, state, params)
+      raise
+  return wrapped
+
+
+def _scalars_as_arrays(tree_):
+  if tree_ is None:
+    return None
+  leaves = jax.tree.leaves(tree_)
+  if all(hasattr(leaf, "dtype") for leaf in leaves):
+    return tree_
+  return jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), tree_)
+
+
+def _explain_foreign_state(error, init, state, params):
+  """Raises a TypeError from `error` when `state` is not shaped like `init(params)`'s."""
+  if params is None or not all(hasattr(state, f) for f in SharpnessAwareState._fields):
+    return
+  try:
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                          params)
+    expected = jax.eval_shape(init, shapes)
+  except Exception:  # pylint: disable=broad-except
+    return  # the diagnosis is best effort: the original error stands
+  for field in ("ascent_state", "correction_state", "inner_state"):
+    got, want = getattr(state, field), getattr(expected, field)
+    if jax.tree.structure(got) != jax.tree.structure(want):
+      raise TypeError(
+          f"The state's {field} has type {type(got).__name__}, but this transformation's "
+          f"init makes one of type {type(want).__name__} (tree {jax.tree.structure(want)}, got "
+          f"{jax.tree.structure(got)}): the state comes from another transformation (another "
+          f"variant, its hyperparameters' structure, or another inner optimizer). Initialize "
+          f"it with this transformation's own init, state = tx.init(params); a checkpoint "
+          f"restores only into the transformation that wrote it. (Original error: "
+          f"{type(error).__name__}: {str(error)[:200]})") from error
+
+
+def _explained_signature(grad_fn, chunked):
+  """`grad_fn`, whose TypeError for a wrong number of arguments names the expected signature.
+
+  Only the failure path inspects the signature: a good call costs one Python frame.
+  """
+  def call(*args):
+    try:
+      return grad_fn(*args)
+    except TypeError as error:
+      try:
+        inspect.signature(grad_fn).bind(*args)
+      except TypeError:
+        raise TypeError(_signature_message(grad_fn, chunked, error)) from error
+      except ValueError:  # no signature to inspect (some builtins): keep the original error
+        pass
+      raise
+  return call
+
+
+def _signature_message(grad_fn, chunked, error):
+  try:
+    signature = f"{getattr(grad_fn, '__name__', 'grad_fn')}{inspect.signature(grad_fn)}"
+  except (TypeError, ValueError):
+    signature = "grad_fn"
+  if chunked:
+    return (f"With chunk_size (m-sharpness) the engine calls grad_fn(params, batch) on each "
+            f"chunk of the batch, but grad_fn is {signature} ({error}). Pass a gradient "
+            f"function of the params and a batch, e.g. grad_fn=lambda p, b: "
+            f"jax.grad(loss)(p, b).")
+  return (f"The engine calls grad_fn(params) (one argument: the perturbed params), but "
+          f"grad_fn is {signature} ({error}). optax.contrib.sam's grad_fn(params, i) signature "
+          f"is not this one: close over the batch instead, e.g. grad_fn=lambda p: "
+          f"jax.grad(loss)(p, batch) (or lambda p: your_grad_fn(p, 0)); for one gradient per "
+          f"chunk of the batch, build the transformation with chunk_size and pass "
+          f"grad_fn(params, batch).")
+
+
+def _check_mask(mask_tree, params):
+  """The mask must be a tree of bools shaped like the params (or a prefix): checked at trace
+  time, so that a missing or extra key is named here rather than inside optax.masked."""
+  try:
+    jax.tree.map(lambda *_: None, mask_tree, params)
+  except (ValueError, TypeError) as error:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    marker = "symmetric difference on key sets is"
+    at = [i for i, line in enumerate(lines[:-1]) if marker in line]
+    if at:  # JAX names the keys that one tree has and the other lacks
+      first += f"; keys in one and not the other: {lines[at[0] + 1]}"
+    raise ValueError(
+        f"mask= does not match the params: mask has structure {jax.tree.structure(mask_tree)} "
+        f"and params {jax.tree.structure(params)} ({first}). mask must be a tree of bools "
+        f"with the keys and nesting of params (or a prefix of it: one bool for a whole "
+        f"subtree), every key present, e.g. jax.tree.map(lambda _: False, params) with the "
+        f"perturbed leaves set to True, or a function of params returning one, such as "
+        f"sam_optax.normalization_mask.") from error
+
+
 def _check_params_and_grads(grads, params, optional=False):
   if params is None:
     raise ValueError("Sharpness-aware transformations need the params: call "
@@ -664,6 +863,7 @@ def _chunked_batch(chunk_size, batch, chunked):
     if batch is not None:
       raise ValueError("Pass either batch= (split by chunk_size) or chunks= (already split), "
                        "not both.")
+    chunking.check_chunks(chunked)
     return chunked
   if batch is None:
     if chunk_size is not None:
@@ -709,6 +909,13 @@ class _GradientEvaluator:
                          "jax.grad(loss, has_aux=True).")
       grads, aux = out
     else:
+      if _looks_like_grads_and_aux(out, self._params):
+        raise ValueError(
+            "grad_fn returned a pair (grads, aux), but this transformation was built without "
+            "has_aux=True, so it takes grad_fn's output for the gradient. Build it with "
+            "has_aux=True (e.g. sam_optax.sam(optax.sgd(0.1), has_aux=True)) and read the aux "
+            "with tx.update_with_aux, or return the gradient alone (jax.grad without "
+            "has_aux).")
       grads, aux = out, None
     tree.check_same_structure(self._params, grads, what="The output of grad_fn")
     _check_float_dtypes(self._params, grads, what="The output of grad_fn")
@@ -720,6 +927,14 @@ class _GradientEvaluator:
     return tree.add(clean_grads, hessian_eps), aux
 
 
+def _looks_like_grads_and_aux(out, params):
+  """Whether `out` is a pair whose first entry, not `out` itself, is shaped like `params`."""
+  if not (isinstance(out, tuple) and len(out) == 2):
+    return False
+  structure = jax.tree.structure(params)
+  return jax.tree.structure(out) != structure and jax.tree.structure(out[0]) == structure
+
+
 def _masked_grad_fn(grad_fn, mask_tree, params):
   """`grad_fn` as a function of the masked leaves (the others held at `params`)."""
   def masked(point):
@@ -729,32 +944,63 @@ def _masked_grad_fn(grad_fn, mask_tree, params):
   return masked
 
 
-def _refuse_multisteps():
-  """Raises when called (traced) from inside `optax.MultiSteps.update`.
+def _refuse_wrappers(two_call: bool):
+  """Raises when called from inside an optax wrapper that would silently break the step.
 
-  MultiSteps calls the wrapped transformation on every micro-batch with the running mean of the
-  clean gradients and that micro-batch's keywords, and keeps the result of the last one: the
-  perturbation would come from the accumulated gradient but the descent gradient from the last
-  micro-batch alone. Detected from the call stack at trace time (no run-time cost); a constant
-  `every_k_schedule` of 1 is harmless and allowed.
+  The wrapper is built around this transformation after it, so it is detected from the call
+  stack, by the code objects of its functions (at trace time under `jax.jit`: no run-time
+  cost):
+
+  - `optax.MultiSteps` (its `update`) calls the wrapped transformation on every micro-batch
+    with the running mean of the clean gradients and that micro-batch's keywords, and keeps the
+    result of the last one: the perturbation would come from the accumulated gradient but the
+    descent gradient from the last micro-batch alone. A constant `every_k_schedule` of 1 is
+    harmless and allowed.
+  - `optax.apply_if_finite` (its `init` and `update`) around the two-call form skips one call,
+    not the ascent/descent pair: after one non-finite gradient the calls are out of phase for
+    the rest of the run, and every step ends at `w + eps`. It composes with the one-call form.
   """
-  multisteps_update = getattr(getattr(optax, "MultiSteps", None), "update", None)
-  target = getattr(multisteps_update, "__code__", None)
+  wrappers = _wrapper_codes()
   frame = sys._getframe(1)  # pylint: disable=protected-access
-  while frame is not None and target is not None:
-    if frame.f_code is target:
+  while frame is not None:
+    wrapper = wrappers.get(frame.f_code)
+    if wrapper == "MultiSteps":
       k_steps = frame.f_locals.get("k_steps")
-      if isinstance(k_steps, int) and k_steps == 1:
-        return
+      if not (isinstance(k_steps, int) and k_steps == 1):
+        raise ValueError(
+            "optax.MultiSteps cannot accumulate a sharpness-aware step: it calls this "
+            "transformation on every micro-batch with the running mean of the clean gradients "
+            "and that micro-batch's grad_fn, so the perturbation would use the accumulated "
+            "gradient but the descent gradient only the last micro-batch (and every micro-step "
+            "would pay for a discarded perturbed pass). For SAM with gradient accumulation, "
+            "build it with chunk_size=<micro-batch size>, chunk_strategy=\"sequential\" and "
+            "pass the whole batch: tx.update(None, state, params, batch=batch, grad_fn=lambda "
+            "p, b: jax.grad(loss)(p, b)) (one perturbation per chunk, the memory of one chunk). "
+            "For one perturbation from the whole batch's gradient, pass a grad_fn that itself "
+            "averages micro-batch gradients (e.g. with jax.lax.map).")
+    elif wrapper == "apply_if_finite" and two_call:
       raise ValueError(
-          "optax.MultiSteps cannot accumulate a sharpness-aware step: it calls this "
-          "transformation on every micro-batch with the running mean of the clean gradients "
-          "and that micro-batch's grad_fn, so the perturbation would use the accumulated "
-          "gradient but the descent gradient only the last micro-batch (and every micro-step "
-          "would pay for a discarded perturbed pass). For SAM with gradient accumulation, build "
-          "it with chunk_size=<micro-batch size>, chunk_strategy=\"sequential\" and pass the "
-          "whole batch: tx.update(None, state, params, batch=batch, grad_fn=lambda p, b: "
-          "jax.grad(loss)(p, b)) (one perturbation per chunk, the memory of one chunk). For one "
-          "perturbation from the whole batch's gradient, pass a grad_fn that itself averages "
-          "micro-batch gradients (e.g. with jax.lax.map).")
+          "optax.apply_if_finite cannot wrap the two-call form: it skips one update call, not "
+          "the ascent/descent pair, so after one non-finite gradient every later call would be "
+          "out of phase (each step ending at the perturbed params w + eps). Use "
+          "sam_optax.skip_if_nonfinite(tx, max_consecutive_errors) instead: it skips the pair, "
+          "and also catches a non-finite perturbed gradient. (optax.apply_if_finite does wrap "
+          "the one-call form.)")
     frame = frame.f_back
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_codes() -> dict:
+  """{code object: wrapper name} for the functions of the optax wrappers `_refuse_wrappers`
+  detects: `MultiSteps.update`, and `apply_if_finite` with the closures it defines."""
+  codes = {}
+  multisteps_update = getattr(getattr(optax, "MultiSteps", None), "update", None)
+  if getattr(multisteps_update, "__code__", None) is not None:
+    codes[multisteps_update.__code__] = "MultiSteps"
+  apply_if_finite = getattr(optax, "apply_if_finite", None)
+  pending = [apply_if_finite.__code__] if hasattr(apply_if_finite, "__code__") else []
+  while pending:  # the function and its nested closures (init, update, their branches)
+    code = pending.pop()
+    codes[code] = "apply_if_finite"
+    pending.extend(c for c in code.co_consts if isinstance(c, type(code)))
+  return codes

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from sam_optax._src import control
 from sam_optax._src import engine
 from sam_optax._src.hyperparams import check_positive_int
 
@@ -23,7 +24,8 @@ from sam_optax._src.hyperparams import check_positive_int
 class SkipIfNonfiniteState(NamedTuple):
   """State of `skip_if_nonfinite`; the first four fields are those of `optax.apply_if_finite`."""
   notfinite_count: jax.Array  # int32 scalar: consecutive skipped steps.
-  last_finite: jax.Array      # bool scalar: whether the last step's updates were finite.
+  last_finite: jax.Array      # bool scalar: whether the last step's updates were finite
+                              # (two-call: the ascent call's, then the whole pair's).
   total_notfinite: jax.Array  # int32 scalar: steps skipped so far.
   inner_state: Any            # the wrapped transformation's state.
   # Two-call form only (None otherwise):
@@ -54,7 +56,11 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
   skipped too; a non-finite descent call returns the params to the clean `w` (exactly where
   `|eps| <= |w|`, otherwise within one rounding, as the engine's own descent call) and restores
   the state from before the pair, including the ascent state, of which the wrapper keeps one
-  copy (one counter for SAM, one param-sized buffer for EMA ascents).
+  copy (one counter for SAM, one param-sized buffer for EMA ascents). The counters count
+  pairs: a pair with a bad call counts once, and only a good pair resets the consecutive
+  count, so a run whose perturbed pass keeps failing is applied anyway after
+  `max_consecutive_errors` skipped pairs, as in the one-call form. `optax.apply_if_finite`
+  cannot do this (it skips one call, shifting every later pair): the two-call form refuses it.
 
   Cost: none on good steps beyond one finiteness check of the updates; the bad step's work is
   done and discarded. States may hold infinities legitimately (e.g. a best-loss-so-far), so only
@@ -121,7 +127,7 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
       updates, inner_state, aux = step(grads, state.inner_state, params, **extra)
       finite = _all_finite(updates)
       accept, consecutive, total = counters(finite, state)
-      updates, inner_state = jax.lax.cond(
+      updates, inner_state = control.cond(
           accept, lambda: (updates, inner_state),
           lambda: (optax.tree.zeros_like(updates), state.inner_state))
       new_state = SkipIfNonfiniteState(consecutive, finite, total, inner_state, None, None)
@@ -140,10 +146,24 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
     def live_call():
       updates, new_sam_state = tx.update(grads, sam_state, params, **extra)
       finite = _all_finite(updates)
-      accept, consecutive, total = counters(finite, state)
+      # The counters count pairs, as the one-call form counts steps: a good ascent call leaves
+      # them to the descent call, which ends the pair (resetting the consecutive count only
+      # when the pair was good). A pair whose bad ascent call was applied anyway (after too
+      # many bad pairs) was counted then, and its descent call is applied without counting.
+      ascent_applied_bad = descending & jnp.logical_not(state.last_finite)
+      bad = jnp.logical_not(finite) & jnp.logical_not(ascent_applied_bad)
+      pair_ends_well = descending & finite & state.last_finite
+      consecutive = jnp.where(bad, numerics.safe_increment(state.notfinite_count),
+                              jnp.where(pair_ends_well, jnp.zeros([], jnp.int32),
+                                        state.notfinite_count))
+      total = jnp.where(bad, numerics.safe_increment(state.total_notfinite),
+                        state.total_notfinite)
+      accept = finite | ascent_applied_bad | (consecutive > max_consecutive_errors)
+      # last_finite: the ascent call's own, then (after the descent call) the pair's.
+      finite = finite & (state.last_finite | jnp.logical_not(descending))
 
       def accepted():
-        saved = jax.lax.cond(descending, lambda: state.saved_ascent_state,
+        saved = control.cond(descending, lambda: state.saved_ascent_state,
                              lambda: sam_state.ascent_state)
         return updates, new_sam_state, jnp.zeros([], jnp.bool_), saved
 
@@ -160,13 +180,13 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
             pending=pending._replace(descending=jnp.zeros([], jnp.bool_)))
         return back, before_pair, jnp.zeros([], jnp.bool_), state.saved_ascent_state
 
-      updates, new_sam_state, skip_descent, saved = jax.lax.cond(
+      updates, new_sam_state, skip_descent, saved = control.cond(
           accept, accepted,
-          lambda: jax.lax.cond(descending, descent_rejected, ascent_rejected))
+          lambda: control.cond(descending, descent_rejected, ascent_rejected))
       return updates, SkipIfNonfiniteState(consecutive, finite, total, new_sam_state,
                                            skip_descent, saved)
 
-    return jax.lax.cond(state.skip_descent, rest_of_skipped_pair, live_call)
+    return control.cond(state.skip_descent, rest_of_skipped_pair, live_call)
 
   def plain_step(grads, inner_state, params=None, **extra):
     updates, inner_state = tx.update(grads, inner_state, params, **extra)
