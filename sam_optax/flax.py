@@ -44,7 +44,7 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
       "sam_optax.flax needs Flax: install it with `pip install 'sam_optax[flax]'` (or "
       "`pip install flax`). The rest of sam_optax works without it.") from error
 
-from sam_optax._src.engine import SharpnessAwareTransformation
+from sam_optax._src.engine import SharpnessAwareState, SharpnessAwareTransformation
 
 __all__ = ["StepMetrics", "sam_step", "SAMTrainState", "linen_sam_step"]
 
@@ -90,6 +90,13 @@ def sam_step(
   pass's state updates are kept and the perturbed pass's discarded, unless
   `keep_perturbed_state=True`. Under `fresh_rngs=True` the perturbed pass continues the RNG
   streams where the clean pass left them, and the model's streams end after the perturbed pass.
+
+  A step that `sam_optax.skip_if_nonfinite` (or `optax.apply_if_finite`) skips, e.g. on a NaN
+  batch, leaves every model variable as it was: the params, and also the BatchNorm statistics
+  and RNG counters its clean pass computed (the optimizer's `step` still counts it, as
+  `nnx.Optimizer.update` does). The skip is read from the step count of the sharpness-aware
+  state inside `optimizer.opt_state`, which a skipped step does not advance; with a plain
+  optax optimizer the state is written as usual.
 
   `optimizer.tx` should be a `sam_optax` transformation built with `has_aux=True` (e.g.
   `sam_optax.sam(optax.sgd(0.1), has_aux=True)`): the step then passes the perturbed pass's
@@ -209,6 +216,13 @@ def sam_step(
     perturbed_loss = jnp.full_like(loss, jnp.nan)
     new_rngs, new_other = rngs_clean, other_clean
 
+  applied = _step_applied(opt_state, new_opt_state)
+  if applied is not None:
+    # A step that skip_if_nonfinite or optax.apply_if_finite skipped (a NaN batch) leaves every
+    # model variable as it was: not only the params, also the BatchNorm statistics and RNG
+    # counters the clean pass of the bad batch wrote.
+    new_rngs = _select(applied, new_rngs, rngs_before)
+    new_other = _select(applied, new_other, other_before)
   new_params = optax.apply_updates(param_arrays, updates)
   nnx.update(model, new_params, new_rngs, new_other)
   nnx.update(optimizer.opt_state, nnx.state(new_opt_state, **graph_kw))
@@ -253,7 +267,9 @@ def linen_sam_step(
 
   The clean pass's `updates` are written and the perturbed pass's discarded, unless
   `keep_perturbed_state=True`. For fresh randomness in the perturbed pass, pass
-  `perturbed_loss_fn`, the same function with another dropout key.
+  `perturbed_loss_fn`, the same function with another dropout key. A step that
+  `sam_optax.skip_if_nonfinite` (or `optax.apply_if_finite`) skips leaves the collections
+  (e.g. `batch_stats`) as they were, with the params; `step` still counts it.
 
   Args:
     state: a `flax.training.train_state.TrainState` (or subclass, e.g. `SAMTrainState`) whose
@@ -344,6 +360,11 @@ def linen_sam_step(
     perturbed_loss = jnp.full_like(loss, jnp.nan)
     new_collections = updates_clean
 
+  applied = _step_applied(state.opt_state, new_opt_state)
+  if applied is not None:
+    # A skipped step (skip_if_nonfinite, optax.apply_if_finite) keeps the collections too.
+    new_collections = {name: _select_like(applied, value, getattr(state, name, None))
+                       for name, value in new_collections.items()}
   new_params = optax.apply_updates(state.params, step_updates)
   try:
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
@@ -423,7 +444,7 @@ def _reports_aux(tx) -> bool:
   """Whether tx is a one-call sam_optax transformation whose grad_fn returns (grads, aux)."""
   if not isinstance(tx, SharpnessAwareTransformation):
     return False
-  if getattr(tx, "update_with_aux", None) is None:
+  if getattr(tx, "two_call", False) or getattr(tx, "update_with_aux", None) is None:
     raise ValueError("The sam_optax.flax steps use the one-call form: build the transformation "
                      "without two_call=True.")
   if not getattr(tx, "has_aux", False):
@@ -467,3 +488,33 @@ def _data_to_keys(tree, like):
 
 def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
+
+
+def _select_like(pred, new, old):
+  """`new` where pred, else `old` (e.g. a collection before the step), leaf by leaf; `new`
+  when `old` does not have its leaves' shapes (a collection the step creates)."""
+  new_leaves, treedef = jax.tree.flatten(new)
+  old_leaves = jax.tree.leaves(old)
+  if len(old_leaves) != len(new_leaves) or any(
+      jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+      for a, b in zip(new_leaves, old_leaves)):
+    return new
+  return jax.tree.unflatten(treedef, [jax.lax.select(pred, a, b)
+                                      for a, b in zip(new_leaves, old_leaves)])
+
+
+def _step_applied(old_opt_state, new_opt_state):
+  """Whether the optimizer applied the step, or None when that cannot be told.
+
+  A wrapper that skips a non-finite step (`sam_optax.skip_if_nonfinite`,
+  `optax.apply_if_finite`) hands back the sharpness-aware state it was given, so the step
+  count of every `SharpnessAwareState` in the optimizer state stays put; an applied step
+  advances it. Optimizer states without one (plain optax optimizers) give None.
+  """
+  is_sam = lambda x: isinstance(x, SharpnessAwareState)
+  old = [x for x in jax.tree.leaves(old_opt_state, is_leaf=is_sam) if is_sam(x)]
+  new = [x for x in jax.tree.leaves(new_opt_state, is_leaf=is_sam) if is_sam(x)]
+  if not old or len(old) != len(new):
+    return None
+  moved = [jnp.asarray(n.count) != jnp.asarray(o.count) for o, n in zip(old, new)]
+  return jnp.any(jnp.stack(moved))

@@ -417,3 +417,66 @@ def test_flax_is_optional():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# A skipped step leaves every model variable untouched
+# --------------------------------------------------------------------------------------------
+
+
+def nan_batch():
+  x, y = make_batch(seed=3)
+  return x.at[0, 0].set(jnp.nan), y
+
+
+@pytest.mark.parametrize("wrap", ["skip_if_nonfinite", "apply_if_finite"])
+def test_nnx_skipped_step_leaves_every_model_variable_untouched(wrap):
+  """A NaN batch under skip_if_nonfinite (or optax.apply_if_finite) changes no params, no
+  BatchNorm statistics and no RNG counter: eval-mode outputs stay finite and equal; the next
+  good batch then takes the step it would have taken without the bad one."""
+  def make_tx():
+    if wrap == "skip_if_nonfinite":
+      return sam_optax.skip_if_nonfinite(sam_sgd(), 3)
+    # optax's wrapper hides update_with_aux: the step takes the path of other transformations.
+    return optax.apply_if_finite(sam_optax.sam(optax.sgd(LR, momentum=BETA), rho=RHO), 3)
+  model = Net(nnx.Rngs(0, dropout=1))
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+  reference = Net(nnx.Rngs(0, dropout=1))
+  reference_optimizer = nnx.Optimizer(reference, make_tx(), wrt=nnx.Param)
+  train_step = nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b))
+  before = nnx.as_pure(nnx.state(model))
+
+  train_step(model, optimizer, nan_batch())  # skipped
+  after = nnx.as_pure(nnx.state(model))
+  assert_trees_close(after, before, rtol=0, atol=0)
+  model.eval()
+  assert bool(jnp.all(jnp.isfinite(model(make_batch()[0]))))
+  model.train()
+
+  # The good batch then gives what it gives on a model that never saw the bad one.
+  train_step(model, optimizer, make_batch())
+  train_step(reference, reference_optimizer, make_batch())
+  assert_trees_close(nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(reference)))
+
+
+def test_nnx_applied_step_still_writes_the_statistics():
+  """Control for the test above: a good batch under skip_if_nonfinite moves the statistics."""
+  model = Net(nnx.Rngs(0, dropout=1))
+  optimizer = nnx.Optimizer(model, sam_optax.skip_if_nonfinite(sam_sgd(), 3), wrt=nnx.Param)
+  stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b))(model, optimizer, make_batch())
+  moved = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(moved),
+                                                   jax.tree.leaves(stats)))
+
+
+def test_linen_skipped_step_keeps_the_batch_stats():
+  state, _ = linen_setup(sam_optax.skip_if_nonfinite(sam_sgd(), 3))
+  step = jax.jit(lambda s, b: sam_flax.linen_sam_step(s, linen_loss(s, b, KEYS[0]),
+                                                      mutable=True)[0])
+  skipped = step(state, nan_batch())
+  assert_trees_close(skipped.batch_stats, state.batch_stats, rtol=0, atol=0)
+  assert_trees_close(skipped.params, state.params, rtol=0, atol=0)
+  applied = step(state, make_batch())
+  assert not np.allclose(jax.tree.leaves(applied.batch_stats)[0],
+                         jax.tree.leaves(state.batch_stats)[0])

@@ -12,6 +12,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -188,6 +189,105 @@ CASES = {
         under_multisteps, ValueError,
         r"optax\.MultiSteps cannot accumulate a sharpness-aware step",
         r"chunk_size=<micro-batch size>, chunk_strategy=\"sequential\""),
+    # ----------------------------------------------------------------- issue 13, item 12
+    "grad_fn_returns_aux_without_has_aux": (
+        lambda: one_call_update(grad_fn=lambda p: (grad_fn(p), jnp.float32(1.0))), ValueError,
+        r"grad_fn returned a pair \(grads, aux\).*built without has_aux=True",
+        r"Build it with has_aux=True.*tx\.update_with_aux"),
+    "empty_batch_with_chunks": (
+        lambda: chunked_update(batch=jnp.zeros((0, 2))), ValueError,
+        r"The batch is empty \(leading axis of size 0\)", r"Skip empty batches"),
+    "empty_chunks": (
+        lambda: chunked_update(chunks=jnp.zeros((0, 3, 2))), ValueError,
+        r"chunks= holds no chunk", r"Skip empty batches"),
+    "state_of_another_variant": (
+        lambda: sam_optax.vasso(optax.sgd(0.1)).update(
+            PARAMS, sam_optax.sam(optax.sgd(0.1)).init(PARAMS), PARAMS, grad_fn=grad_fn),
+        TypeError, r"The state's ascent_state has type AscentCountState.*makes one of type "
+        r"AverageState.*comes from another transformation",
+        r"Initialize it with this transformation's own init, state = tx\.init\(params\)"),
+    "state_of_another_inner_optimizer": (
+        lambda: sam_optax.sam(optax.adam(0.1)).update(
+            PARAMS, sam_optax.sam(optax.sgd(0.1, momentum=0.9)).init(PARAMS), PARAMS,
+            grad_fn=grad_fn),
+        TypeError, r"The state's inner_state .*another inner optimizer",
+        r"state = tx\.init\(params\)"),
+    "mask_missing_a_key": (
+        lambda: one_call_update(sam_optax.sam(optax.sgd(0.1), mask={"w": True})), ValueError,
+        r"mask= does not match the params.*keys in one and not the other: b",
+        r"every key present.*jax\.tree\.map\(lambda _: False, params\)"),
+    "mask_function_missing_a_key": (
+        lambda: one_call_update(sam_optax.sam(optax.sgd(0.1), mask=lambda p: {"b": True})),
+        ValueError, r"mask= does not match the params", r"sam_optax\.normalization_mask"),
+    "reserved_keyword": (
+        lambda: one_call_update(perturbed=True), ValueError,
+        r"update\(\) got perturbed=, a keyword the engine passes to the ascent and the "
+        r"correction", r"Rename your keyword argument"),
+    "reserved_keyword_count": (
+        lambda: one_call_update(count=3), ValueError, r"update\(\) got count=",
+        r"Rename your keyword argument"),
+    "reserved_keyword_in_the_two_call_form": (
+        lambda: two_call_update(clean_grads=PARAMS), ValueError, r"update\(\) got clean_grads=",
+        r"Rename your keyword argument"),
+    "update_with_aux_on_the_two_call_form": (
+        lambda: sam_optax.sam(optax.sgd(0.1), two_call=True).update_with_aux(
+            PARAMS, sam_optax.sam(optax.sgd(0.1), two_call=True).init(PARAMS), PARAMS),
+        ValueError, r"update_with_aux belongs to the one-call form.*two_call=True",
+        r"build it without two_call=True and with has_aux=True"),
+    "optax_contrib_grad_fn_signature": (
+        lambda: one_call_update(grad_fn=lambda p, i: grad_fn(p)), TypeError,
+        r"The engine calls grad_fn\(params\).*grad_fn is <lambda>\(p, i\).*"
+        r"optax\.contrib\.sam's grad_fn\(params, i\)",
+        r"grad_fn=lambda p: jax\.grad\(loss\)\(p, batch\)"),
+    "one_argument_grad_fn_with_chunks": (
+        lambda: chunked_update(batch=jnp.zeros((6, 2)), grad_fn=grad_fn), TypeError,
+        r"engine calls grad_fn\(params, batch\) on each chunk.*grad_fn is grad_fn\(p\)",
+        r"grad_fn=lambda p, b: jax\.grad\(loss\)\(p, b\)"),
+    "update_with_aux_without_has_aux": (
+        lambda: sam_optax.sam(optax.sgd(0.1)).update_with_aux(
+            PARAMS, sam_optax.sam(optax.sgd(0.1)).init(PARAMS), PARAMS, grad_fn=grad_fn),
+        ValueError, r"built without has_aux=True, so grad_fn returns no aux",
+        r"Build it with has_aux=True.*jax\.grad\(loss, has_aux=True\); or call tx\.update"),
+    "update_with_aux_without_has_aux_under_skip": (
+        lambda: sam_optax.skip_if_nonfinite(sam_optax.sam(optax.sgd(0.1)), 3).update_with_aux(
+            PARAMS, sam_optax.skip_if_nonfinite(sam_optax.sam(optax.sgd(0.1)), 3).init(PARAMS),
+            PARAMS, grad_fn=grad_fn),
+        ValueError, r"built without has_aux=True", r"Build it with has_aux=True"),
+    # ----------------------------------------------------------------- issue 13, item 10
+    "bsam_without_data": (
+        lambda: sam_optax.bsam(optax.sgd(0.1), num_data=0), ValueError,
+        r"num_data must be > 0\.0, got 0\.0", r"training-set size N"),
+    "bsam_b1_of_one": (
+        lambda: sam_optax.bsam(optax.sgd(0.1), num_data=10, b1=1.0), ValueError,
+        r"b1 must be in \[0\.0, 1\.0\), got 1\.0", r"gradient momentum"),
+    "bsam_b2_of_one": (
+        lambda: sam_optax.bsam(optax.sgd(0.1), num_data=10, b2=1.0), ValueError,
+        r"b2 must be in \[0\.0, 1\.0\), got 1\.0", r"precision's decay"),
+    "bsam_zero_init_precision": (
+        lambda: sam_optax.bsam(optax.sgd(0.1), num_data=10, init_precision=0.0), ValueError,
+        r"init_precision must be > 0", r"s divides the perturbation"),
+    "gsam_negative_lr_max": (
+        lambda: sam_optax.gsam(optax.sgd(0.1), learning_rate=lambda t: 0.1, lr_max=-0.1,
+                               lr_min=0.01), ValueError,
+        r"lr_max must be >= 0\.0, got -0\.1", r"schedule's peak value"),
+    "gsam_nonfinite_lr_min": (
+        lambda: sam_optax.gsam(optax.sgd(0.1), learning_rate=lambda t: 0.1, lr_max=0.1,
+                               lr_min=float("nan")), ValueError,
+        r"lr_min must be finite", r"schedule's final value"),
+    "dnsam_zero_full_grad_norm_eagerly": (
+        lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=0.0), ValueError,
+        r"full_grad_norm must be finite and > 0\.0, got 0\.0",
+        r"norm of the full-batch gradient; omit it to use the estimate"),
+    "dnsam_nan_full_grad_norm_eagerly": (
+        lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=float("nan")),
+        ValueError, r"full_grad_norm must be finite and > 0\.0, got nan", r"omit it"),
+    "hyperparameter_of_the_wrong_shape": (
+        lambda: sam_optax.sam(optax.sgd(0.1), rho=jnp.ones(2)), ValueError,
+        r"rho must be a scalar, got shape \(2,\)", r"scalar"),
+    "negative_rho_injected_eagerly": (
+        lambda: one_call_update(optax.inject_hyperparams(sam_optax.sam)(optax.sgd(0.1),
+                                                                         rho=-0.1)),
+        ValueError, r"rho must be >= 0\.0, got -0\.1", r"radius of the perturbation ball"),
     "skip_around_a_nested_two_call_form": (
         skip_wrapping_nested_two_call, ValueError,
         r"must wrap a two-call sharpness-aware transformation directly",
@@ -205,9 +305,31 @@ def test_message_names_the_problem_and_the_fix(name):
   assert re.search(fix, message, flags=re.S), f"fix not named: {message}"
 
 
-def test_the_two_call_form_has_no_update_with_aux():
-  tx = sam_optax.sam(optax.sgd(0.1), two_call=True)
-  assert tx.update_with_aux is None  # the caller computes the perturbed pass (and its aux)
+def test_the_two_call_form_says_it_is_one():
+  """update_with_aux exists on every sharpness-aware transformation (so that calling it gives
+  the message above, not "'NoneType' object is not callable"); `two_call` tells them apart."""
+  assert sam_optax.sam(optax.sgd(0.1), two_call=True).two_call
+  assert not sam_optax.sam(optax.sgd(0.1)).two_call
+
+
+def test_python_float_leaves_are_accepted():
+  """Python numbers as gradient (or param) leaves are taken as arrays, as optax does."""
+  params = {"w": jnp.ones(2, jnp.float32), "b": 0.5}
+  grads = {"w": jnp.ones(2, jnp.float32), "b": 1.0}
+  tx = sam_optax.sam(optax.sgd(0.1), rho=0.05)
+  updates, _ = tx.update(grads, tx.init(params), params,
+                         grad_fn=lambda p: {"w": 2.0 * p["w"], "b": 2.0 * p["b"]})
+  # eps = rho g / ||g||, ||g|| = sqrt(3); d = 2 (w + eps); u = -0.1 d.
+  eps = 0.05 / jnp.sqrt(3.0)
+  np.testing.assert_allclose(updates["w"], -0.2 * (1.0 + eps) * np.ones(2), rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.2 * (0.5 + eps), rtol=1e-6)
+
+
+def test_a_state_of_the_same_structure_still_works():
+  """The foreign-state diagnosis runs on failures only: a state of the same structure (sam's
+  for usam) is not refused, and good steps pay nothing for it."""
+  state = sam_optax.sam(optax.sgd(0.1)).init(PARAMS)
+  sam_optax.usam(optax.sgd(0.1)).update(PARAMS, state, PARAMS, grad_fn=grad_fn)
 
 
 def test_errors_are_raised_under_jit_at_trace_time():

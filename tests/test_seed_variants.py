@@ -88,7 +88,7 @@ def test_dnsam_norm_estimate_converges_to_the_full_batch_norm():
     def step(state, key):
       idx = jax.random.randint(key, (batch_size,), 0, n)
       _, state = ascent.update(jax.grad(loss)(params, idx), state, params)
-      return state, jnp.sqrt(state.sq_norm_ema / (1 - decay ** state.count))
+      return state, state.rms_norm / jnp.sqrt(1 - decay ** state.count)
     return jax.lax.scan(step, ascent.init(params), jax.random.split(key, 2000))[1]
 
   small = estimates(10, jax.random.key(0))
@@ -116,14 +116,15 @@ def test_dnsam_zero_gradient_and_errors():
   ascent = sam_optax.deterministic_normalized_ascent(0.1)
   zeros = {"w": jnp.zeros(3, jnp.float32)}
   eps, state = ascent.update(zeros, ascent.init(zeros))
-  assert bool(jnp.all(eps["w"] == 0)) and state.sq_norm_ema.dtype == jnp.float32
-  eps, _ = ascent.update(zeros, ascent.init(zeros), full_grad_norm=0.0)
-  assert bool(jnp.all(eps["w"] == 0))
+  assert bool(jnp.all(eps["w"] == 0)) and state.rms_norm.dtype == jnp.float32
+  # A full-batch norm of 0 cannot normalize: refused, not a silent plain step (issue 13).
+  with pytest.raises(ValueError, match="full_grad_norm must be finite and > 0"):
+    ascent.update(zeros, ascent.init(zeros), full_grad_norm=0.0)
   with pytest.raises(ValueError, match="must be a scalar"):
     ascent.update(zeros, ascent.init(zeros), full_grad_norm=jnp.ones(3))
   with pytest.raises(ValueError, match="decay must be < 1"):
     sam_optax.dnsam(optax.sgd(0.1), decay=1.0)
-  with pytest.raises(ValueError, match=r"decay must be in \[0.0, 1.0\]"):
+  with pytest.raises(ValueError, match=r"decay must be in \[0.0, 1.0\)"):
     sam_optax.dnsam(optax.sgd(0.1), decay=-0.5)
 
 

@@ -18,7 +18,7 @@ from optax._src import numerics
 
 from sam_optax._src import tree
 from sam_optax._src.hyperparams import ScalarOrSchedule, check_hparam, value_at
-from sam_optax._src.hyperparams import check_positive_int, is_constant
+from sam_optax._src.hyperparams import check_positive_int, check_run_time_value, is_constant
 
 
 class AscentCountState(NamedTuple):
@@ -56,8 +56,8 @@ def unified_ascent(rho: ScalarOrSchedule, lam: ScalarOrSchedule = 1.0
     Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved Rates*,
     ICLR 2025, https://arxiv.org/abs/2503.02225
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  check_hparam("lam", lam, high=1.0, hint="lam=1 is SAM, lam=0 is USAM.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  lam = check_hparam("lam", lam, high=1.0, hint="lam=1 is SAM, lam=0 is USAM.")
 
   def init(params):
     del params
@@ -125,8 +125,9 @@ def unnormalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationEx
 
 class NormEstimateState(NamedTuple):
   """State of the deterministic-normalization ascent (DNSAM)."""
-  count: jax.Array        # int32 scalar: ascents taken so far.
-  sq_norm_ema: jax.Array  # float scalar (float32 or wider): EMA of ||g||^2, not bias-corrected.
+  count: jax.Array     # int32 scalar: ascents taken so far.
+  rms_norm: jax.Array  # float scalar (float32 or wider): sqrt(EMA of ||g||^2), not
+                       # bias-corrected; a root, so that it is finite for any finite gradient.
 
 
 def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
@@ -145,14 +146,21 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     v_t = \beta v_{t-1} + (1 - \beta) \|g_t\|^2, \qquad
     \widehat{\|\nabla L\|} = \sqrt{v_t / (1 - \beta^t)},
 
-  which includes the current gradient (the first step is exactly SAM's). Why the squared norm:
+  which includes the current gradient (the first step is exactly SAM's). The state keeps the
+  root `sqrt(v_t)`, updated without forming a square that overflows: one huge finite gradient
+  (a float32 spike of 1e20, whose squared norm is beyond float32's range) enters the average
+  like any other, and its weight decays by `beta` per step, instead of the average becoming
+  infinite and every later perturbation zero. Why the squared norm:
   `E ||g_B||^2 = ||grad L||^2 + tr(Sigma)/B` splits additively into the full-batch part and
   the gradient noise, so the estimate is the full-batch norm plus a known, batch-size-dependent
   excess (it converges to `||grad L||` when the noise is small against the gradient, or with
   full batches), and normalizing by its root gives a perturbation whose root-mean-square length
   is exactly `rho`, SAM's radius, while its direction and relative length stay stochastic, which
   is the point of DNSAM. It costs one scalar of state and no extra gradient. Pass
-  `full_grad_norm` for the exact rule. A zero norm gives a zero perturbation.
+  `full_grad_norm` for the exact rule: a positive finite scalar (a Python number that is not
+  raises a ValueError; a JAX array that is not, e.g. traced under `jax.jit`, makes the
+  perturbation, and so the step's updates, NaN). A zero estimated norm gives a zero
+  perturbation.
 
   Args:
     rho: the perturbation scale, >= 0; a float or a schedule of the ascent count.
@@ -175,35 +183,54 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     Compagnoni et al., *An SDE for Modeling SAM: Theory and Insights*, ICML 2023,
     https://arxiv.org/abs/2301.08203
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  check_hparam("decay", decay, high=1.0, hint="decay is the moving average's, e.g. 0.99.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
   if is_constant(decay, 1.0):
     raise ValueError("decay must be < 1 (decay=1 would never update the norm estimate); "
                      "use e.g. 0.99.")
+  decay = check_hparam("decay", decay, high=1.0, high_open=True,
+                       hint="decay is the moving average's, e.g. 0.99.")
 
   def init(params):
     return NormEstimateState(count=jnp.zeros([], jnp.int32),
-                             sq_norm_ema=jnp.zeros([], tree.accumulation_dtype(params)))
+                             rms_norm=jnp.zeros([], tree.accumulation_dtype(params)))
 
   def update(grads, state, params=None, *, full_grad_norm=None, param_axis_name=None, **extra):
     del params, extra
-    dtype = state.sq_norm_ema.dtype
+    dtype = state.rms_norm.dtype
     rho_t = value_at(rho, state.count)
     beta = value_at(decay, state.count).astype(dtype)
     count = numerics.safe_increment(state.count)
-    sq_norm = tree.vdot(grads, grads, axis_name=param_axis_name).astype(dtype)
-    ema = (beta * state.sq_norm_ema + (1 - beta) * sq_norm).astype(dtype)
+    grad_norm = tree.norm(grads, axis_name=param_axis_name).astype(dtype)
+    rms_norm = _root_of_average_of_squares(beta, state.rms_norm, grad_norm).astype(dtype)
     if full_grad_norm is None:
-      norm = jnp.sqrt(ema / (1 - beta ** count.astype(dtype)))
+      norm = rms_norm / jnp.sqrt(1 - beta ** count.astype(dtype))
     else:
       if jnp.ndim(full_grad_norm) != 0:
         raise ValueError(f"full_grad_norm must be a scalar (the norm of the full-batch "
                          f"gradient), got shape {jnp.shape(full_grad_norm)}.")
-      norm = jnp.asarray(full_grad_norm).astype(dtype)
-    factor = rho_t * tree.safe_inverse(norm)
-    return tree.scale(factor, grads), NormEstimateState(count=count, sq_norm_ema=ema)
+      # A full-batch norm that is not a positive finite number cannot normalize: it gives a
+      # NaN perturbation (a ValueError for a Python number), never a silent plain step.
+      norm = check_run_time_value(
+          "full_grad_norm", full_grad_norm, low=0.0, low_open=True,
+          hint="It is the norm of the full-batch gradient; omit it to use the estimate."
+      ).astype(dtype)
+    # NaN-preserving where safe_inverse is not: a NaN norm (an invalid decay or full_grad_norm)
+    # gives a NaN perturbation; a zero or infinite one still gives zero.
+    factor = rho_t * jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))
+    return tree.scale(factor, grads), NormEstimateState(count=count, rms_norm=rms_norm)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _root_of_average_of_squares(beta, previous, value):
+  """`sqrt(beta previous^2 + (1 - beta) value^2)` for `previous, value >= 0`, computed with both
+  divided by a power of two near the larger (exact), so that no square over- or underflows.
+  NaN or inf in either stays in the result."""
+  larger = jnp.maximum(previous, value)
+  ok = (larger > 0) & jnp.isfinite(larger)
+  exponent = jnp.where(ok, jnp.frexp(jnp.where(ok, larger, 1))[1], 0)
+  p, v = jnp.ldexp(previous, -exponent), jnp.ldexp(value, -exponent)
+  return jnp.ldexp(jnp.sqrt(beta * p * p + (1 - beta) * v * v), exponent)
 
 
 def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
@@ -233,7 +260,7 @@ def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraAr
   References:
     Bolte, Le & Pauwels, https://arxiv.org/abs/2510.09034
   """
-  check_hparam("rho", rho, hint="rho scales the perturbation rho * H g.")
+  rho = check_hparam("rho", rho, hint="rho scales the perturbation rho * H g.")
 
   def init(params):
     del params
@@ -300,10 +327,11 @@ def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool 
     ICML 2022, https://arxiv.org/abs/2206.06232;
     Bolte, Le & Pauwels, https://arxiv.org/abs/2510.09034
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
   steps = check_positive_int("steps", steps)
   if step_size is not None:
-    check_hparam("step_size", step_size, hint="step_size is the length of each ascent step.")
+    step_size = check_hparam("step_size", step_size,
+                             hint="step_size is the length of each ascent step.")
   for name, flag in (("normalized", normalized), ("project", project), ("nested", nested)):
     if not isinstance(flag, bool):
       raise TypeError(f"{name} must be a Python bool, got {type(flag).__name__} (it is "
@@ -379,7 +407,7 @@ class AdaptiveWeights(NamedTuple):
 
   def __call__(self, params):
     """`T(params)`: a tree like params (leaves given `T = 1` by the convention hold ones)."""
-    eta = jnp.asarray(self.eta)
+    eta = value_at(self.eta, None)  # a number, or an injected value checked at run time
 
     def leaf(path, w):
       if _has_unit_metric(path, w, self.bias_convention):
@@ -437,8 +465,9 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     Kwon et al., *ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of
     Deep Neural Networks*, ICML 2021, https://arxiv.org/abs/2102.11600
   """
-  check_hparam("rho", rho, hint="rho is the radius in the adaptive metric (paper: 0.5 to 2).")
-  check_hparam("eta", eta, hint="eta keeps |w| + eta away from zero (paper: 0.01).")
+  rho = check_hparam("rho", rho,
+                     hint="rho is the radius in the adaptive metric (paper: 0.5 to 2).")
+  eta = check_hparam("eta", eta, hint="eta keeps |w| + eta away from zero (paper: 0.01).")
   if bias_convention not in ASAM_BIAS_CONVENTIONS:
     raise ValueError(f"bias_convention must be one of {ASAM_BIAS_CONVENTIONS}, got "
                      f"{bias_convention!r}.")
@@ -508,6 +537,9 @@ def lr_proportional_rho(learning_rate: ScalarOrSchedule, rho_max: float, rho_min
                      "between them.")
   if lr_max is None or lr_min is None:
     return lambda count: jnp.asarray(rho_max)
+  # The schedule's output is checked where it is used (the ascent's rho), at every step.
+  check_hparam("lr_max", lr_max, hint="lr_max is the learning rate schedule's peak value.")
+  check_hparam("lr_min", lr_min, hint="lr_min is the learning rate schedule's final value.")
   lr_hi, lr_lo = _concrete(lr_max), _concrete(lr_min)
   if lr_hi is not None and lr_lo is not None and lr_lo > lr_hi:
     raise ValueError(f"lr_min ({lr_lo}) must be <= lr_max ({lr_hi}).")
@@ -550,7 +582,7 @@ def step_count_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtr
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022,
     https://arxiv.org/abs/2203.08065
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
 
   def init(params):
     del params
@@ -601,9 +633,10 @@ def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
     Li et al., *Friendly Sharpness-Aware Minimization*, CVPR 2024,
     https://arxiv.org/abs/2403.12350
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  check_hparam("sigma", sigma, hint="sigma weighs the subtracted gradient average (paper 1).")
-  check_hparam("lam", lam, high=1.0, hint="lam is the EMA decay (paper 0.6 to 0.95).")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  sigma = check_hparam("sigma", sigma,
+                       hint="sigma weighs the subtracted gradient average (paper 1).")
+  lam = check_hparam("lam", lam, high=1.0, hint="lam is the EMA decay (paper 0.6 to 0.95).")
 
   def init(params):
     return AverageState(count=jnp.zeros([], jnp.int32),
@@ -656,8 +689,8 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
     Li & Giannakis, *Enhancing Sharpness-Aware Optimization Through Variance Suppression*,
     NeurIPS 2023, https://arxiv.org/abs/2309.15639
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  check_hparam("theta", theta, high=1.0, hint="theta weighs the new gradient (paper 0.9).")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  theta = check_hparam("theta", theta, high=1.0, hint="theta weighs the new gradient (paper 0.9).")
 
   def init(params):
     return AverageState(count=jnp.zeros([], jnp.int32),
@@ -716,7 +749,7 @@ def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> optax.GradientTransformation
     Becker, Altrock & Risse, *Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead*, https://arxiv.org/abs/2401.12033
   """
-  check_hparam("rho", rho, hint="rho is the step length along the last update.")
+  rho = check_hparam("rho", rho, hint="rho is the step length along the last update.")
 
   def init(params):
     return PreviousParamsState(count=jnp.zeros([], jnp.int32),
@@ -747,7 +780,8 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
     \epsilon = \rho\, \frac{F^{-1} g}{\sqrt{g^\top F^{-1} g}}
 
   the maximizer of the linearized loss over the ellipsoid `eps^T F eps <= rho^2`, with the
-  Fisher approximated by the squared mini-batch gradient. A zero gradient gives zero.
+  Fisher approximated by the squared mini-batch gradient. A zero gradient gives zero; finite
+  gradients of any magnitude (float32 ones of 1e30 or 1e-25 included) give a finite `eps`.
 
   Args:
     rho: the radius in the Fisher metric, >= 0; a float or a schedule of the step count.
@@ -767,8 +801,8 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
     Kim et al., *Fisher SAM: Information Geometry and Sharpness Aware Minimisation*,
     ICML 2022, https://arxiv.org/abs/2206.04920
   """
-  check_hparam("rho", rho, hint="rho is the radius in the Fisher metric.")
-  check_hparam("eta", eta, hint="eta weighs the squared gradient in F = 1 + eta g^2.")
+  rho = check_hparam("rho", rho, hint="rho is the radius in the Fisher metric.")
+  eta = check_hparam("eta", eta, hint="eta weighs the squared gradient in F = 1 + eta g^2.")
 
   def init(params):
     del params
@@ -779,9 +813,20 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
     step = _step(state.count, count)
     g = tree.in_accumulation_dtype(grads)
     e = value_at(eta, step)
-    f_inv_g = jax.tree.map(lambda x: x / (1 + e.astype(x.dtype) * x * x), g)
-    quad = tree.vdot(g, f_inv_g, axis_name=param_axis_name)
-    factor = value_at(rho, step) * tree.safe_inverse(jnp.sqrt(quad))
+
+    def fisher_inverse_times(x):
+      e_ = e.astype(x.dtype)
+      denominator = 1 + e_ * x * x
+      # Where e x^2 overflows (float32 |x| above ~1e19), x / (1 + e x^2) is 1 / (e x) to a
+      # relative 1 / (e x^2): finite, where the plain quotient would be x / inf = 0. A
+      # non-finite x keeps the plain quotient (NaN).
+      return jnp.where(jnp.isinf(denominator) & jnp.isfinite(x), 1 / (e_ * x), x / denominator)
+
+    f_inv_g = jax.tree.map(fisher_inverse_times, g)
+    # sqrt(g^T F^-1 g) without over- or underflow: the plain inner product in the normal range.
+    quad, scale_g, scale_f = tree.scaled_vdot(g, f_inv_g, axis_name=param_axis_name)
+    root = jnp.sqrt(quad) * jnp.sqrt(scale_g) * jnp.sqrt(scale_f)
+    factor = value_at(rho, step) * tree.safe_inverse(root)
     return (tree.cast_like(tree.scale(factor, f_inv_g), grads),
             AscentCountState(numerics.safe_increment(state.count)))
 
@@ -834,9 +879,9 @@ def random_smoothing_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedul
     Foret et al., *Sharpness-Aware Minimization for Efficiently Improving Generalization*,
     ICLR 2021, https://arxiv.org/abs/2010.01412
   """
-  check_hparam("rho", rho, hint="rho is the radius of the adversarial step.")
-  check_hparam("sigma", sigma, hint="sigma is the noise's standard deviation.")
-  check_hparam("lam", lam, hint="lam weighs the adversarial step.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the adversarial step.")
+  sigma = check_hparam("sigma", sigma, hint="sigma is the noise's standard deviation.")
+  lam = check_hparam("lam", lam, hint="lam weighs the adversarial step.")
   _check_seed(seed)
 
   def init(params):
@@ -898,10 +943,11 @@ def stochastic_weight_ascent(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedul
     Du et al., *Efficient Sharpness-aware Minimization for Improved Training of Neural
     Networks*, ICLR 2022, https://arxiv.org/abs/2110.03141
   """
-  check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  check_hparam("beta", beta, high=1.0, hint="beta is the probability that a leaf is perturbed.")
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
   if is_constant(beta, 0.0):
     raise ValueError("beta must be > 0 (the probability that a leaf joins the ascent).")
+  beta = check_hparam("beta", beta, high=1.0, low_open=True,
+                      hint="beta is the probability that a leaf is perturbed.")
   _check_seed(seed)
 
   def init(params):
@@ -972,17 +1018,22 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
     Mollenhoff & Khan, *SAM as an Optimal Relaxation of Bayes*, ICLR 2023,
     https://arxiv.org/abs/2210.01620
   """
-  check_hparam("rho", rho, hint="rho is bSAM's radius (authors: 0.01 on CIFAR).")
+  rho = check_hparam("rho", rho, hint="rho is bSAM's radius (authors: 0.01 on CIFAR).")
   if num_data is None:
     raise ValueError("bSAM needs num_data=N, the training-set size: the posterior sample has "
                      "variance 1/(N s).")
-  check_hparam("num_data", num_data, hint="num_data is the training-set size N.")
-  check_hparam("b2", b2, high=1.0, hint="b2 is the precision's decay (0.999).")
-  check_hparam("weight_decay", weight_decay, hint="weight_decay is delta, the L2 strength.")
-  check_hparam("damping", damping, hint="damping is gamma (0.1).")
-  check_hparam("init_precision", init_precision, hint="init_precision is the initial s.")
+  num_data = check_hparam("num_data", num_data, low_open=True,
+                          hint="num_data is the training-set size N.")
+  b2 = check_hparam("b2", b2, high=1.0, high_open=True,
+                    hint="b2 is the precision's decay (0.999).")
+  weight_decay = check_hparam("weight_decay", weight_decay,
+                              hint="weight_decay is delta, the L2 strength.")
+  damping = check_hparam("damping", damping, hint="damping is gamma (0.1).")
   if is_constant(init_precision, 0.0):
     raise ValueError("init_precision must be > 0 (s divides the perturbation).")
+  # Read by init only, which sees concrete values: checked here, not wrapped.
+  check_hparam("init_precision", init_precision, low_open=True,
+               hint="init_precision is the initial s.")
   _check_seed(seed)
 
   def init(params):
@@ -997,7 +1048,7 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
     _check_gradient_access("bayesian_ascent (bSAM)", grad_fn, params)
     step = _step(state.count, count)
     key, sub = jax.random.split(state.key)
-    n = jnp.asarray(num_data)
+    n = value_at(num_data, step)
     leaves, treedef = jax.tree.flatten(params)
     s_leaves = treedef.flatten_up_to(state.precision)
     sample = jax.tree.unflatten(treedef, [

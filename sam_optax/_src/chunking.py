@@ -26,11 +26,30 @@ def split(batch: Any, chunk_size: int) -> Any:
     raise ValueError(f"Every leaf of the batch needs the same leading (example) axis; got leading "
                      f"sizes {sorted(map(str, sizes))}.")
   (n,) = sizes
+  if n == 0:
+    raise ValueError(f"The batch is empty (leading axis of size 0): m-sharpness with "
+                     f"chunk_size={chunk_size} needs at least one chunk of {chunk_size} "
+                     f"examples. Skip empty batches before calling update().")
   if n % chunk_size:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     raise ValueError(f"chunk_size={chunk_size} does not divide the batch size {n}. Use a "
                      f"chunk size among {divisors}, or drop the remainder of the batch.")
   return jax.tree.map(lambda x: x.reshape((n // chunk_size, chunk_size) + x.shape[1:]), batch)
+
+
+def check_chunks(chunked: Any) -> None:
+  """`chunks=` must hold at least one chunk, with the same leading (chunk) axis on every leaf."""
+  leaves = jax.tree.leaves(chunked)
+  if not leaves:
+    raise ValueError("chunks= is empty: pass a tree of arrays with a leading chunk axis, e.g. "
+                     "batch.reshape((k, m) + batch.shape[1:]), or pass batch= instead.")
+  sizes = {leaf.shape[0] if jnp.ndim(leaf) else None for leaf in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(f"Every leaf of chunks= needs the same leading (chunk) axis; got leading "
+                     f"sizes {sorted(map(str, sizes))}.")
+  if sizes == {0}:
+    raise ValueError("chunks= holds no chunk (leading axis of size 0): m-sharpness needs at "
+                     "least one. Skip empty batches before calling update().")
 
 
 def num_chunks(chunked: Any) -> int:

@@ -33,7 +33,9 @@ def renormalize(metric: Metric | None = None) -> optax.GradientTransformationExt
     d = \frac{\|T g\|}{\|T\, g_{adv}\|}\, g_{adv}
 
   with `T = 1` by default and `T = metric(params)` for adaptive variants (ASAM), so that both
-  norms are the adaptive ones. A zero `g_adv` is passed through unchanged.
+  norms are the adaptive ones. A zero `g_adv` is passed through unchanged. The norms are
+  finite for finite gradients of any magnitude (float32 ones of 1e30 or 1e-25 included), so the
+  factor never degenerates to 0 or inf through an overflow of `||g||^2`.
 
   Args:
     metric: optional function from params to elementwise weights `T` (a tree like params).
@@ -97,7 +99,8 @@ def surrogate_gap(alpha: float = 0.4) -> optax.GradientTransformationExtraArgs:
   subtracted) lowers the surrogate gap `L(w + eps) - L(w)` without changing the perturbed
   loss to first order. This is the convention of the paper's Algorithm 1 and of the authors'
   code (`g` decomposed relative to `g_adv`, `d = g_adv - alpha g_perp`). Where `g_adv = g`
-  (`rho = 0`, steps without a perturbed pass) `g_perp = 0` exactly and `d = g`.
+  (`rho = 0`, steps without a perturbed pass) `g_perp = 0` exactly and `d = g`. The
+  coefficient is finite for finite gradients of any magnitude (no overflow of `||g_adv||^2`).
 
   Args:
     alpha: the weight of the orthogonal component, >= 0 (the authors' example 0.4; the paper
@@ -118,7 +121,8 @@ def surrogate_gap(alpha: float = 0.4) -> optax.GradientTransformationExtraArgs:
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022,
     https://arxiv.org/abs/2203.08065
   """
-  check_hparam("alpha", alpha, hint="alpha weighs GSAM's orthogonal component (e.g. 0.4).")
+  alpha = check_hparam("alpha", alpha,
+                      hint="alpha weighs GSAM's orthogonal component (e.g. 0.4).")
 
   def init(params):
     del params
@@ -130,8 +134,7 @@ def surrogate_gap(alpha: float = 0.4) -> optax.GradientTransformationExtraArgs:
     # g_perp = delta - (<delta, g_adv> / ||g_adv||^2) g_adv with delta = g - g_adv: the same
     # vector without cancellation, and exactly zero where g_adv is g.
     delta = jax.tree.map(lambda a, b: a - b, g, g_adv)
-    coef = tree.safe_ratio(tree.vdot(delta, g_adv, axis_name=param_axis_name),
-                           tree.vdot(g_adv, g_adv, axis_name=param_axis_name))
+    coef = tree.projection_coefficient(delta, g_adv, axis_name=param_axis_name)
     g_perp = jax.tree.map(lambda e, b: e - coef * b, delta, g_adv)
     a = value_at(alpha, state.count)
     d = jax.tree.map(lambda b, p: b - a.astype(b.dtype) * p, g_adv, g_perp)
@@ -160,8 +163,9 @@ def look_ahead_reuse(alpha: float = 0.7) -> optax.GradientTransformationExtraArg
   .. math::
     d = g + \alpha\, \frac{\|g\|}{\|g_v\|}\, g_v.
 
-  Norms and inner products are global over the tree (the authors' code works per tensor). A
-  zero `g_v` adds nothing. One param-sized buffer of state.
+  Norms and inner products are global over the tree (the authors' code works per tensor), and
+  finite for finite gradients of any magnitude (no overflow of `||g||^2`). A zero `g_v` adds
+  nothing. One param-sized buffer of state.
 
   Args:
     alpha: the weight of the reused component (paper 0.7); a float or a schedule.
@@ -184,7 +188,7 @@ def look_ahead_reuse(alpha: float = 0.7) -> optax.GradientTransformationExtraArg
     Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization*, CVPR 2022,
     https://arxiv.org/abs/2203.02714
   """
-  check_hparam("alpha", alpha, hint="alpha weighs LookSAM's reused component (paper 0.7).")
+  alpha = check_hparam("alpha", alpha, hint="alpha weighs LookSAM's reused component (paper 0.7).")
 
   def init(params):
     return LookAheadState(count=jnp.zeros([], jnp.int32), g_v=optax.tree.zeros_like(params))
@@ -199,8 +203,7 @@ def look_ahead_reuse(alpha: float = 0.7) -> optax.GradientTransformationExtraArg
       # the cancellation of subtracting two nearly equal large vectors (g_v is small next to
       # g_adv, and the reuse step rescales it to ||g||); exactly zero where g_adv is g.
       delta = jax.tree.map(lambda a, b: a - b, g_adv, g)
-      coef = tree.safe_ratio(tree.vdot(delta, g, axis_name=param_axis_name),
-                             tree.vdot(g, g, axis_name=param_axis_name))
+      coef = tree.projection_coefficient(delta, g, axis_name=param_axis_name)
       g_v = jax.tree.map(lambda e, b: e - coef * b, delta, g)
       return updates, LookAheadState(count, tree.cast_like(g_v, state.g_v))
     g_v = jax.tree.map(lambda v, x: v.astype(x.dtype), state.g_v, g)
@@ -253,9 +256,10 @@ def weighted_sharpness(gamma: float = 0.9, decoupled: bool = False
     Yue et al., *Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
     Regularization Term*, KDD 2023, https://arxiv.org/abs/2305.15817
   """
-  check_hparam("gamma", gamma, high=1.0, hint="gamma in [0, 1) weighs the sharpness term.")
   if is_constant(gamma, 1.0):
     raise ValueError("gamma must be < 1 (the sharpness weight is gamma / (1 - gamma)).")
+  gamma = check_hparam("gamma", gamma, high=1.0, high_open=True,
+                       hint="gamma in [0, 1) weighs the sharpness term.")
   if not isinstance(decoupled, bool):
     raise TypeError(f"decoupled must be a Python bool, got {type(decoupled).__name__}.")
 
@@ -302,7 +306,8 @@ def decoupled_sharpness_step(learning_rate):
     Yue et al., *Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
     Regularization Term*, KDD 2023, https://arxiv.org/abs/2305.15817
   """
-  check_hparam("learning_rate", learning_rate, hint="the inner optimizer's learning rate.")
+  learning_rate = check_hparam("learning_rate", learning_rate,
+                               hint="the inner optimizer's learning rate.")
 
   def step(correction_state, params, count):
     del params
@@ -360,8 +365,10 @@ def bayesian_descent(b1: float = 0.9, weight_decay: float = 0.0, init_precision:
     Mollenhoff & Khan, *SAM as an Optimal Relaxation of Bayes*, ICLR 2023,
     https://arxiv.org/abs/2210.01620
   """
-  check_hparam("b1", b1, high=1.0, hint="b1 is bSAM's gradient momentum (0.9).")
-  check_hparam("weight_decay", weight_decay, hint="weight_decay is delta, the L2 strength.")
+  b1 = check_hparam("b1", b1, high=1.0, high_open=True,
+                    hint="b1 is bSAM's gradient momentum (0.9).")
+  weight_decay = check_hparam("weight_decay", weight_decay,
+                              hint="weight_decay is delta, the L2 strength.")
 
   def init(params):
     return BayesianDescentState(count=jnp.zeros([], jnp.int32),
