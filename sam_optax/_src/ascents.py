@@ -356,7 +356,7 @@ def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool 
       if not project:
         return e
       n = tree.norm(e, axis_name=param_axis_name)
-      outside = n > radius
+      outside = jnp.logical_not(n <= radius)  # True for a NaN radius: NaN eps, not unprojected
       return tree.scale(jnp.where(outside, radius / jnp.where(outside, n, 1.0), 1.0), e)
 
     eps = advance(optax.tree.zeros_like(grads), grads)

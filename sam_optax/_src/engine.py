@@ -222,6 +222,20 @@ def sharpness_aware(
   along the last micro-batch's): `update` raises, pointing to `chunk_size=...,
   chunk_strategy="sequential"`, which accumulates with the memory of one chunk.
 
+  Clipping: put `optax.clip_by_global_norm` in the inner optimizer, where it clips the descent
+  direction. `optax.chain(optax.clip_by_global_norm(c), tx)` is accepted but clips only the
+  clean gradient `g` handed to `update`: a normalized ascent divides its length out, and the
+  descent gradient comes from `grad_fn`, unclipped, so it clips nothing the step uses.
+
+  Invalid input: every check on the call (structures, shapes, dtypes, keywords, the mask, the
+  batch) runs at trace time, on static information, and costs nothing in a jitted step; the
+  state is compared with this transformation's `init` only when the step fails. Hyperparameters
+  of the named variants that arrive at run time (schedules, values injected by
+  `optax.inject_hyperparams` under `jit`) are checked at every step: out of range or not
+  finite, they make the updates NaN, for `sam_optax.skip_if_nonfinite` or
+  `optax.apply_if_finite` to catch. Python numbers among the leaves of `grads` and `params`
+  are taken as arrays.
+
   Returns:
     A `SharpnessAwareTransformation` (an `optax.GradientTransformationExtraArgs`) whose state
     is a `SharpnessAwareState`.
@@ -343,10 +357,7 @@ def sharpness_aware(
     """
     if not gradients:
       return values
-    finite = jnp.asarray(True)
-    for grads_ in gradients:
-      finite = finite & jnp.isfinite(tree.norm(grads_, axis_name=param_axis_name))
-    return jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan).astype(v.dtype), values)
+    return _nan_unless_finite(values, gradients, axis_name=param_axis_name)
 
   def read_gradients(clean_grads, grads_adv):
     """The gradients a perturbed step's direction must carry the non-finite entries of: g when
@@ -483,7 +494,7 @@ def sharpness_aware(
     updates, inner_state = inner.update(direction, state.inner_state, params, **extra)
     updates = add_decoupled(updates, correction_state, params, state.count)
     new_state = SharpnessAwareState(
-        count=numerics.safe_increment(state.count), ascent_state=ascent_state,
+        count=_increment(state.count), ascent_state=ascent_state,
         correction_state=correction_state, inner_state=inner_state, pending=state.pending)
     return updates, new_state, aux
 
@@ -570,7 +581,7 @@ def sharpness_aware(
       updates = jax.tree.map(lambda w, p, u: (w - p + u).astype(p.dtype),
                              clean_params, params, step)
       new_state = SharpnessAwareState(
-          count=numerics.safe_increment(state.count), ascent_state=state.ascent_state,
+          count=_increment(state.count), ascent_state=state.ascent_state,
           correction_state=correction_state, inner_state=inner_state, pending=None)
       return updates, new_state
 
@@ -590,6 +601,19 @@ def sharpness_aware(
                                         two_call=True)
   return SharpnessAwareTransformation(init, _entry_point(update_one_call, init),
                                       _entry_point(update_with_aux, init), has_aux)
+
+
+# The step count's increment, one compiled call eagerly (see control.eager_jit).
+_increment = control.eager_jit(numerics.safe_increment)
+
+
+@control.eager_jit(static_argnames=("axis_name",))
+def _nan_unless_finite(values, gradients, *, axis_name):
+  """`values`, NaN everywhere unless every tree in `gradients` has a finite norm."""
+  finite = jnp.asarray(True)
+  for grads_ in gradients:
+    finite = finite & jnp.isfinite(tree.norm(grads_, axis_name=axis_name))
+  return jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan).astype(v.dtype), values)
 
 
 def _pmean(tree_, axis_name):
@@ -824,8 +848,12 @@ def _check_float_dtypes(params, grads, *, what):
 
   Anything else would be cast silently: an integer gradient truncates the perturbation to zero,
   and complex leaves would get a norm without conjugation. Checked at trace time (dtypes are
-  static), so it costs nothing at run time.
+  static), so it costs nothing at run time; eagerly, on every call, where leaves that are
+  arrays of a floating dtype take the fast path (no key paths built).
   """
+  leaves = jax.tree.leaves(grads) + jax.tree.leaves(params)
+  if all(_is_float_dtype(getattr(leaf, "dtype", None)) for leaf in leaves):
+    return
   for (path, grad), param in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(params)):
     where = jax.tree_util.keystr(path) or "the root"
     param_dtype, grad_dtype = jnp.result_type(param), jnp.result_type(grad)
@@ -842,6 +870,12 @@ def _check_float_dtypes(params, grads, *, what):
           f"perturbation to zero). Differentiate a floating-point loss with respect to the params "
           f"with jax.grad, or cast the gradient to the params' dtypes: "
           f"jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params).")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_float_dtype(dtype) -> bool:
+  """Whether `dtype` (None for a leaf without one, e.g. a Python float) is a real float."""
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _check_grad_fn(grad_fn, chunked):

@@ -1,4 +1,11 @@
-"""Hyperparameters that may be numbers, schedules, or arrays injected by optax."""
+"""Hyperparameters that may be numbers, schedules, or arrays injected by optax.
+
+Every hyperparameter is validated where it is resolved: `check_hparam` raises for a number out
+of range at construction, and wraps a schedule or a traced value (injected by
+`optax.inject_hyperparams` under `jax.jit`) so that `value_at` replaces an invalid value by NaN
+at run time. The NaN reaches the step's updates, where `skip_if_nonfinite` and
+`optax.apply_if_finite` catch it: an invalid value is never used silently.
+"""
 
 from __future__ import annotations
 

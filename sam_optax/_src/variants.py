@@ -152,6 +152,19 @@ def sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   `0 <= eta lam <= 2` (normalized SAM oscillates around `w*` within O(rho) instead of
   converging exactly).
 
+  Gradient clipping belongs inside the inner optimizer, where it clips the descent gradient:
+  `sam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))`. In front,
+  `optax.chain(optax.clip_by_global_norm(1.0), sam(...))` is accepted but clips nothing the
+  step uses: it rescales the clean gradient `g`, whose length the normalized ascent divides
+  out, while the descent gradient comes from `grad_fn` unclipped.
+
+  Hyperparameters given as numbers are checked here (a negative `rho` raises a ValueError).
+  Those that arrive at run time, from a schedule or injected by `optax.inject_hyperparams`
+  under `jax.jit`, are checked at every step: a value out of range or not finite makes the
+  step's updates NaN, which `sam_optax.skip_if_nonfinite` and `optax.apply_if_finite` catch,
+  rather than being used (an eager update with an injected value raises the ValueError). This
+  holds for every variant and every hyperparameter.
+
   Args:
     inner: the optimizer that takes the descent step, e.g. `optax.sgd(0.1, momentum=0.9)`.
     rho: the perturbation radius (paper default 0.05 from scratch, 0.1 when fine-tuning); a
@@ -294,7 +307,8 @@ def dnsam(rho: ScalarOrSchedule = 0.05, decay: float = 0.99) -> Pieces:
     \epsilon = \rho\, \frac{g}{\|\nabla L(w)\|}, \qquad d = \nabla L_B(w + \epsilon)
 
   with `g = grad L_B(w)` the minibatch gradient. Pass the full-batch norm each step as
-  `tx.update(..., full_grad_norm=value)`; without it, it is estimated by the root of a
+  `tx.update(..., full_grad_norm=value)`, a positive finite scalar (a Python number that is not
+  raises a ValueError; a traced one makes the step's updates NaN); without it, it is estimated by the root of a
   bias-corrected moving average of `||g||^2` (see
   `sam_optax.deterministic_normalized_ascent`: it overestimates `||grad L||` by the gradient
   noise, `E ||g||^2 = ||grad L||^2 + tr(Sigma)/B`, and gives a perturbation of root-mean-square
@@ -917,10 +931,10 @@ def bsam(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
   Args:
     inner: `optax.sgd(learning_rate)` (paper's alpha; authors' CIFAR setting 0.5).
     rho: the radius (authors' CIFAR setting 0.01).
-    num_data: `N`, the training-set size (required; the authors multiply it by an
+    num_data: `N` > 0, the training-set size (required; the authors multiply it by an
       augmentation factor of 4).
-    b1: the gradient momentum (0.9).
-    b2: the precision's decay (0.999).
+    b1: the gradient momentum in [0, 1) (0.9).
+    b2: the precision's decay in [0, 1) (0.999).
     weight_decay: `delta`, the prior precision divided by `N` (the authors: 10 / N).
     damping: `gamma` (0.1).
     init_precision: the initial `s` (1.0).
