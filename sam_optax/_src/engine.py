@@ -80,6 +80,16 @@ class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
     return self
 
 
+# As a plain NamedTuple, a pytree round trip (`jax.tree.map`, or an `nnx.Optimizer` under
+# `nnx.jit` before flax 0.12.7) rebuilds it from its two fields and loses the extra entry
+# points above; registered, they travel as the node's static data.
+jax.tree_util.register_pytree_with_keys(
+    SharpnessAwareTransformation,
+    lambda t: (((jax.tree_util.GetAttrKey("init"), t.init),
+                (jax.tree_util.GetAttrKey("update"), t.update)), tuple(sorted(vars(t).items()))),
+    lambda extras, fields: SharpnessAwareTransformation(*fields, **dict(extras)))
+
+
 def sharpness_aware(
     inner: optax.GradientTransformation,
     ascent: optax.GradientTransformation,

@@ -11,6 +11,9 @@ from typing import Any, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sam_optax._src import control
 
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -25,17 +28,20 @@ def accumulation_dtype(*trees: Any) -> jnp.dtype:
   return dtype
 
 
+@control.eager_jit
 def in_accumulation_dtype(tree: Any) -> Any:
   """Every leaf in the accumulation dtype (see `accumulation_dtype`), for elementwise rules."""
   acc = accumulation_dtype(tree)
   return jax.tree.map(lambda x: x.astype(acc), tree)
 
 
+@control.eager_jit
 def cast_like(values: Any, like: Any) -> Any:
   """`values` with each leaf cast to the dtype of the matching leaf of `like`."""
   return jax.tree.map(lambda v, x: v.astype(x.dtype), values, like)
 
 
+@control.eager_jit(static_argnames=("axis_name",))
 def vdot(a: Any, b: Any, *, axis_name: AxisName = None) -> jax.Array:
   """Global inner product `<a, b>` accumulated in float32 or wider.
 
@@ -122,17 +128,113 @@ def _varying_axes_tracked() -> bool:
   return bool(flag.value) if flag is not None else False
 
 
+@control.eager_jit(static_argnames=("axis_name",))
 def norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
-  """Global L2 norm `||tree||` over all leaves (and over `axis_name` for sharded params)."""
-  return jnp.sqrt(vdot(tree, tree, axis_name=axis_name))
+  """Global L2 norm `||tree||` over all leaves (and over `axis_name` for sharded params).
+
+  Finite for every finite tree, whatever its scale: where the plain sum of squares overflows
+  (float32 entries above ~1e19) or may have lost terms to underflow (entries below ~1e-19), it
+  is recomputed with the entries divided by their largest magnitude (see `scaled_vdot`). It is
+  non-finite exactly when some entry is (NaN for a NaN entry, else inf for an infinite one),
+  which is how the engine tells a non-finite gradient. In the normal range the result is
+  `sqrt(vdot(tree, tree))`, bit for bit, at the cost of one scalar test.
+  """
+  value, scale, _ = scaled_vdot(tree, tree, axis_name=axis_name)
+  return jnp.sqrt(value) * scale
 
 
+@control.eager_jit(static_argnames=("axis_name",))
+def max_abs(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
+  """The largest magnitude over all leaves (0 for a tree without elements), in the
+  accumulation dtype; NaN when some entry is NaN. With `axis_name`, over the shards too."""
+  acc = accumulation_dtype(tree)
+  names = None if axis_name is None else _axis_names(axis_name)
+  groups = {}  # reduction axes -> maximum over the leaves sharded over exactly those axes
+  for x in jax.tree.leaves(tree):
+    axes = () if names is None else sharded_axes(x, names)
+    part = jnp.max(jnp.abs(x.astype(acc)), initial=0.0)
+    groups[axes] = jnp.maximum(groups[axes], part) if axes in groups else part
+  total = jnp.zeros((), acc)
+  for axes, part in groups.items():
+    total = jnp.maximum(total, jax.lax.pmax(part, axes) if axes else part)
+  return total
+
+
+@control.eager_jit(static_argnames=("axis_name",))
+def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`<a, b>` as `(value, scale_a, scale_b)` with `<a, b> = value * scale_a * scale_b`, finite
+  for finite trees of any magnitude.
+
+  The plain sum `vdot(a, b)` is returned with unit scales when it is trustworthy: finite, and
+  at least `n * tiny / eps` in magnitude (`n` elements, `tiny` the smallest normal number,
+  `eps` the machine epsilon of the accumulation dtype), below which products that underflowed
+  (flushed to zero on CPU and GPU) could matter. Otherwise (an overflow, an underflow, a zero
+  or cancelling sum, or a non-finite entry) it is recomputed, inside a `lax.cond` so that the
+  common case costs one scalar test, with each tree divided by its largest magnitude: then
+  `value` is in range, and the caller combines it with the scales where the combination is
+  representable (a norm `sqrt(value) * scale`, a ratio of inner products). The scales are
+  powers of two, so the division is exact. A tree that is zero, or holds a NaN or an
+  infinity, keeps the scale 1, so its non-finite entries stay in `value`.
+  """
+  same = a is b
+  plain = vdot(a, b, axis_name=axis_name)
+  acc = plain.dtype
+  info = jnp.finfo(acc)
+  count = max(1, sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(a)))
+  floor = count * float(info.tiny) / float(info.eps)
+  one = jnp.ones((), acc)
+
+  def trusted(_):
+    return plain, one, one
+
+  def rescaled(_):
+    def exponent_of(tree_):
+      """e with 2^e <= max|tree| < 2^(e+1); 0 for a zero or non-finite maximum."""
+      m = max_abs(tree_, axis_name=axis_name).astype(acc)
+      ok = (m > 0) & jnp.isfinite(m)
+      return jnp.where(ok, jnp.frexp(jnp.where(ok, m, one))[1] - 1, 0)
+
+    def divided(tree_, e):
+      # By 2^-e in two power-of-two factors: exact, and neither factor leaves the normal range
+      # (2^-e alone does for the largest floats, and a division by a scalar may be compiled as
+      # a product with its reciprocal, which would then flush to zero).
+      low, high = jnp.ldexp(one, -(e // 2)), jnp.ldexp(one, -(e - e // 2))
+      return jax.tree.map(lambda x: x.astype(acc) * low * high, tree_)
+
+    e_a = exponent_of(a)
+    e_b = e_a if same else exponent_of(b)
+    a_ = divided(a, e_a)
+    b_ = a_ if same else divided(b, e_b)
+    return vdot(a_, b_, axis_name=axis_name), jnp.ldexp(one, e_a), jnp.ldexp(one, e_b)
+
+  in_range = jnp.isfinite(plain) & (jnp.abs(plain) >= floor)
+  return control.cond(in_range, trusted, rescaled, None)
+
+
+@control.eager_jit(static_argnames=("axis_name",))
+def projection_coefficient(a: Any, b: Any, *, axis_name: AxisName = None) -> jax.Array:
+  """`<a, b> / <b, b>` (0 where `b = 0`), finite for finite trees of any magnitude.
+
+  The coefficient of `b` in the projection of `a` onto `b` (GSAM's and LookSAM's
+  decompositions). In the normal range it is `safe_ratio(vdot(a, b), vdot(b, b))` bit for bit;
+  where either inner product over- or underflows it comes from `scaled_vdot`.
+  """
+  ab, scale_a, scale_b = scaled_vdot(a, b, axis_name=axis_name)
+  bb, scale_bb, _ = scaled_vdot(b, b, axis_name=axis_name)
+  # <a, b> / <b, b> = (ab sa sb) / (bb sbb^2), each scale 1 or the tree's largest magnitude;
+  # the scales enter as two ratios so that no product of two of them over- or underflows.
+  return safe_ratio(ab, bb) * (scale_a / scale_bb) * (scale_b / scale_bb)
+
+
+@control.eager_jit
 def safe_inverse(x: jax.Array) -> jax.Array:
   """`1/x` where x > 0 and finite, else 0: a zero vector normalizes to zero, never NaN."""
   ok = (x > 0) & jnp.isfinite(x)
   return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0)
 
 
+@control.eager_jit
 def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   """`numerator / denominator` where the denominator is > 0 and finite, else 0.
 
@@ -142,6 +244,7 @@ def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
 
 
+@control.eager_jit
 def scale(factor: jax.Array, tree: Any) -> Any:
   """`factor * tree`, multiplied in the accumulation dtype and cast back to each leaf's dtype."""
   def leaf(x):
@@ -150,27 +253,32 @@ def scale(factor: jax.Array, tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
+@control.eager_jit
 def add(a: Any, b: Any) -> Any:
   """`a + b` with the result in `a`'s dtypes (e.g. params + perturbation)."""
   return jax.tree.map(lambda x, y: (x + y.astype(x.dtype)).astype(x.dtype), a, b)
 
 
+@control.eager_jit
 def sub(a: Any, b: Any) -> Any:
   """`a - b` with the result in `a`'s dtypes."""
   return jax.tree.map(lambda x, y: (x - y.astype(x.dtype)).astype(x.dtype), a, b)
 
 
+@control.eager_jit
 def mean(trees: Any) -> Any:
   """Mean over the leading axis of every leaf (e.g. over chunks)."""
   return jax.tree.map(lambda x: jnp.mean(x, axis=0).astype(x.dtype), trees)
 
 
+@control.eager_jit
 def all_zero(tree: Any) -> jax.Array:
   """Whether every element of every leaf is zero (True for a tree without elements)."""
   flags = [jnp.all(x == 0) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.asarray(flags, jnp.bool_)) if flags else jnp.asarray(True)
 
 
+@control.eager_jit
 def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   """Leafwise `jnp.where(pred, a, b)`: picks a branch without blending it arithmetically."""
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
