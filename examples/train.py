@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+# flax 0.12.7 renamed nnx.pure to nnx.as_pure (the declared floor is older).
+as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 
 import sam_optax
 import sam_optax.flax
@@ -266,8 +268,8 @@ def evaluate(model, loss_fn, x, y):
 def top_hessian_eigenvalue(model, loss_fn, x, y, num_iters, seed):
   """Largest eigenvalue of the Hessian of the training loss at the model's params (Lanczos)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return float(_top_eigenvalue(graphdef, loss_fn, num_iters, nnx.as_pure(params),
-                               nnx.as_pure(rest), x, y, jax.random.key(seed)))
+  return float(_top_eigenvalue(graphdef, loss_fn, num_iters, as_pure(params),
+                               as_pure(rest), x, y, jax.random.key(seed)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

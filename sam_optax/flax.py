@@ -44,6 +44,9 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
       "sam_optax.flax needs Flax: install it with `pip install 'sam_optax[flax]'` (or "
       "`pip install flax`). The rest of sam_optax works without it.") from error
 
+# flax 0.12.7 renamed `nnx.pure` to `nnx.as_pure` (and deprecated the old name).
+_as_pure = getattr(nnx, "as_pure", None) or nnx.pure
+
 from sam_optax._src.engine import SharpnessAwareState, SharpnessAwareTransformation
 
 __all__ = ["StepMetrics", "sam_step", "SAMTrainState", "linen_sam_step"]
@@ -121,7 +124,7 @@ def sam_step(
 
   (the perturbed pass runs on a merged copy from the snapshot: same dropout keys, its state
   changes discarded; without `as_pure` the snapshot would share the model's variables and see
-  the clean pass's updates).
+  the clean pass's updates). Before flax 0.12.7, `nnx.as_pure` is spelled `nnx.pure`.
 
   Args:
     model: the `nnx.Module` to train (the one `optimizer` was built for).
@@ -174,9 +177,9 @@ def sam_step(
 
   graphdef, params, rngs_before, other_before = nnx.split(model, wrt, nnx.RngState, ...,
                                                           **graph_kw)
-  params = nnx.as_pure(params)
-  rngs_before = nnx.as_pure(rngs_before)
-  other_before = nnx.as_pure(other_before)
+  params = _as_pure(params)
+  rngs_before = _as_pure(rngs_before)
+  other_before = _as_pure(other_before)
 
   def run(p, rng_state):
     """loss_fn at params p, from the pre-step state: (loss, (aux, rng state, other state))."""
@@ -184,14 +187,14 @@ def sam_step(
     out = loss_fn(copy, batch)
     loss, aux = _split_loss(out, has_aux, "loss_fn(model, batch)")
     _, _, rng_after, other_after = nnx.split(copy, wrt, nnx.RngState, ..., **graph_kw)
-    return loss, (aux, nnx.as_pure(rng_after), nnx.as_pure(other_after))
+    return loss, (aux, _as_pure(rng_after), _as_pure(other_after))
 
   value_and_grad = jax.value_and_grad(run, has_aux=True)
   (loss, (aux, rngs_clean, other_clean)), grads = value_and_grad(params, rngs_before)
   rngs_perturbed_start = rngs_clean if fresh_rngs else rngs_before
 
   param_arrays = params
-  opt_state = nnx.as_pure(optimizer.opt_state)
+  opt_state = _as_pure(optimizer.opt_state)
   if reports:
     def grad_fn(p):
       (p_loss, (_, p_rngs, p_other)), p_grads = value_and_grad(p, rngs_perturbed_start)

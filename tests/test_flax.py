@@ -21,6 +21,8 @@ import optax
 import pytest
 from flax import nnx
 from flax.training import train_state
+# flax 0.12.7 renamed nnx.pure to nnx.as_pure (the declared floor is older).
+as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 
 import sam_optax
 import sam_optax.flax as sam_flax
@@ -86,14 +88,14 @@ def nnx_reference(steps, batch, *, keep_perturbed=False, fresh=False):
   """SAM by hand on Net with NNX's split/merge: per step the model state and both losses."""
   model = Net(nnx.Rngs(0, dropout=1))
   graphdef, params, rngs, stats = nnx.split(model, nnx.Param, nnx.RngState, nnx.BatchStat)
-  params, rngs, stats = nnx.as_pure(params), nnx.as_pure(rngs), nnx.as_pure(stats)
+  params, rngs, stats = as_pure(params), as_pure(rngs), as_pure(stats)
   momentum = jax.tree.map(jnp.zeros_like, params)
 
   def loss_at(p, rngs, stats):
     copy = nnx.merge(graphdef, p, rngs, stats)
     loss = mse(copy, batch)
     _, new_rngs, new_stats = nnx.state(copy, nnx.Param, nnx.RngState, nnx.BatchStat)
-    return loss, (nnx.as_pure(new_rngs), nnx.as_pure(new_stats))
+    return loss, (as_pure(new_rngs), as_pure(new_stats))
 
   @jax.jit
   def step(params, rngs, stats, momentum):
@@ -127,8 +129,8 @@ def nnx_ours(steps, batch, tx=None, **options):
   for _ in range(steps):
     metrics = train_step(model, optimizer, batch)
     _, params, rngs, stats = nnx.split(model, nnx.Param, nnx.RngState, nnx.BatchStat)
-    out.append(dict(params=nnx.as_pure(params), rngs=nnx.as_pure(rngs),
-                    stats=nnx.as_pure(stats), loss=metrics.loss,
+    out.append(dict(params=as_pure(params), rngs=as_pure(rngs),
+                    stats=as_pure(stats), loss=metrics.loss,
                     perturbed_loss=metrics.perturbed_loss, step=optimizer.step[...]))
   return out
 
@@ -207,17 +209,17 @@ def test_nnx_minimal_path_through_optimizer_update():
   @nnx.jit
   def step(model, optimizer, batch):
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    rest = nnx.as_pure(rest)  # a snapshot of the state before the clean pass
+    rest = as_pure(rest)  # a snapshot of the state before the clean pass
     grads = nnx.grad(mse)(model, batch)
 
     def grad_fn(p):
-      return nnx.as_pure(nnx.grad(mse)(nnx.merge(graphdef, p, rest), batch))
+      return as_pure(nnx.grad(mse)(nnx.merge(graphdef, p, rest), batch))
     optimizer.update(model, grads, grad_fn=grad_fn)
 
   ref = nnx_reference(2, batch)
   for r in ref:
     step(model, optimizer, batch)
-    assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), r["params"])
+    assert_trees_close(as_pure(nnx.state(model, nnx.Param)), r["params"])
 
 
 def test_nnx_plain_optimizer_takes_an_ordinary_step():
@@ -227,7 +229,7 @@ def test_nnx_plain_optimizer_takes_an_ordinary_step():
   twin_optimizer = nnx.Optimizer(twin, optax.sgd(LR), wrt=nnx.Param)
   metrics = nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b))(model, optimizer, batch)
   nnx.jit(lambda m, o, b: o.update(m, nnx.grad(mse)(m, b)))(twin, twin_optimizer, batch)
-  assert_trees_close(nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(twin)))
+  assert_trees_close(as_pure(nnx.state(model)), as_pure(nnx.state(twin)))
   assert np.isnan(float(metrics.perturbed_loss))
   with pytest.raises(ValueError, match="has_aux=True"):
     nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b, keep_perturbed_state=True))(
@@ -444,10 +446,10 @@ def test_nnx_skipped_step_leaves_every_model_variable_untouched(wrap):
   reference = Net(nnx.Rngs(0, dropout=1))
   reference_optimizer = nnx.Optimizer(reference, make_tx(), wrt=nnx.Param)
   train_step = nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b))
-  before = nnx.as_pure(nnx.state(model))
+  before = as_pure(nnx.state(model))
 
   train_step(model, optimizer, nan_batch())  # skipped
-  after = nnx.as_pure(nnx.state(model))
+  after = as_pure(nnx.state(model))
   assert_trees_close(after, before, rtol=0, atol=0)
   model.eval()
   assert bool(jnp.all(jnp.isfinite(model(make_batch()[0]))))
@@ -456,16 +458,16 @@ def test_nnx_skipped_step_leaves_every_model_variable_untouched(wrap):
   # The good batch then gives what it gives on a model that never saw the bad one.
   train_step(model, optimizer, make_batch())
   train_step(reference, reference_optimizer, make_batch())
-  assert_trees_close(nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(reference)))
+  assert_trees_close(as_pure(nnx.state(model)), as_pure(nnx.state(reference)))
 
 
 def test_nnx_applied_step_still_writes_the_statistics():
   """Control for the test above: a good batch under skip_if_nonfinite moves the statistics."""
   model = Net(nnx.Rngs(0, dropout=1))
   optimizer = nnx.Optimizer(model, sam_optax.skip_if_nonfinite(sam_sgd(), 3), wrt=nnx.Param)
-  stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  stats = as_pure(nnx.state(model, nnx.BatchStat))
   nnx.jit(lambda m, o, b: sam_flax.sam_step(m, o, mse, b))(model, optimizer, make_batch())
-  moved = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  moved = as_pure(nnx.state(model, nnx.BatchStat))
   assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(moved),
                                                    jax.tree.leaves(stats)))
 
