@@ -164,7 +164,9 @@ def sharpness_aware(
   `g` at `w` (it returns `eps`, moving the params to `w + eps`), then with the gradient at the
   updated params (it returns `w + Opt(d) - (w + eps)`). The branch not taken is never
   evaluated (`lax.cond`), so a NaN in it cannot leak, and the inner state advances only on the
-  descent call.
+  descent call. To skip non-finite steps, wrap it in `sam_optax.skip_if_nonfinite`, which skips
+  the pair of calls: `optax.apply_if_finite` would skip one call and shift the ascent/descent
+  phase for the rest of the run, so `init` (or the first update) under it raises.
 
   Args:
     inner: the optimizer to wrap, e.g. `optax.sgd(0.1, momentum=0.9)`.
