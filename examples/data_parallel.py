@@ -19,6 +19,10 @@ initialization on the same batches four times and checks that the two APIs agree
   python examples/data_parallel.py --smoke    # 5 steps per run (what CI runs)
   python examples/data_parallel.py --rho 0.1 --steps 600
 
+Each training loop keeps at most 4 steps in flight (`wait_for_old_steps`): on XLA:CPU a loop
+that lets asynchronous dispatch run 32 multi-device steps ahead deadlocks on machines with
+fewer than 16 cores, so copy that bound along with the loop.
+
 It prints the test accuracy of each run and the largest difference between the pmap and
 the jit params, and exits with status 1 if it exceeds `--tolerance`. The two APIs sum the
 gradients in different orders, so float32 round-off remains: about 1e-7 after a few steps,
@@ -28,11 +32,17 @@ growing slowly over training (below 1e-4 after the default 300 steps).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
 
 DEVICES = 8
+
+# Steps a training loop may have dispatched but not finished. Both loops below wait for the
+# step this many steps back before dispatching the next one (see `wait_for_old_steps`): without
+# it the default run deadlocks on machines with few cores.
+STEPS_IN_FLIGHT = 4
 
 # JAX reads the device count when it starts: ask for 8 virtual CPU devices before importing it.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -93,6 +103,32 @@ def batches(x, y, steps, batch_size, seed=0):
     yield x[index], y[index]
 
 
+def wait_for_old_steps(in_flight, params):
+  """Record a dispatched step's `params`; wait until at most STEPS_IN_FLIGHT remain unfinished.
+
+  Why the loops need this: JAX dispatches asynchronously, so a loop that never waits runs ahead
+  of the devices, and XLA:CPU's runtime deadlocks when it gets too far ahead. XLA:CPU runs each
+  device's share of a multi-device step on one client thread pool of max(cores, devices)
+  threads: 8 threads for 8 devices on a machine with fewer than 8 cores. A step with a
+  collective (here the all-reduce of the gradients) needs all 8 shares running at once to meet
+  in the all-reduce. Launching a step also takes a slot of a per-device limit of 32 unfinished
+  computations, and on a full device the launch *blocks its pool thread* until a slot frees.
+  Once the loop is 32 steps ahead, launches of later steps block pool threads while the step
+  at the head of the queue still waits for threads: its all-reduce never completes, and after
+  40 s XLA aborts with "Termination timeout for all reduce ... Expected 8 threads to join the
+  rendezvous, but only 6 of them arrived on time" (a thread dump shows the missing threads in
+  `Semaphore::ScopedAcquire` under `CpuPjRtRawLoadedExecutable::Execute`). One dispatch can
+  block up to 8 launches, so any machine with fewer than 16 cores can lose the threads the
+  all-reduce needs. Keeping at most STEPS_IN_FLIGHT (< 32) steps unfinished means a launch
+  never blocks, and a few steps in flight still keep the devices busy. Any long loop of
+  multi-device steps on XLA:CPU needs the same bound (or a sync point); GPUs and TPUs use
+  other runtimes.
+  """
+  in_flight.append(params)
+  if len(in_flight) > STEPS_IN_FLIGHT:
+    jax.block_until_ready(in_flight.popleft())
+
+
 def train_pmap(args, data, average_ascent):
   """SAM under jax.pmap: params replicated per device, each device a slice of the batch."""
   tx = make_tx(args, axis_name="data", average_ascent=average_ascent)
@@ -105,9 +141,11 @@ def train_pmap(args, data, average_ascent):
   step = jax.pmap(step, axis_name="data")
   params = jax.tree.map(lambda x: np.stack([x] * DEVICES), init_params())
   state = jax.pmap(tx.init)(params)
+  in_flight = collections.deque()
   for x, y in batches(data[0], data[1], args.steps, args.batch_size):
     split = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
     params, state = step(params, state, (split(x), split(y)))
+    wait_for_old_steps(in_flight, params)
   return jax.tree.map(lambda a: np.asarray(a[0]), params)
 
 
@@ -132,8 +170,10 @@ def train_jit(args, data, chunk_size=None):
       updates, state = tx.update(None, state, params, batch=batch, grad_fn=grad)
     return optax.apply_updates(params, updates), state
 
+  in_flight = collections.deque()
   for batch in batches(data[0], data[1], args.steps, args.batch_size):
     params, state = step(params, state, jax.device_put(batch, sharded))
+    wait_for_old_steps(in_flight, params)
   return jax.device_get(params)
 
 

@@ -48,15 +48,6 @@ def test_eight_devices_match_single_device(groups):
     assert f"TIME {group}" in out
 
 
-@pytest.mark.multidevice
-@pytest.mark.slow
-def test_data_parallel_example_smoke():
-  code, out = run_script([os.path.join("examples", "data_parallel.py"), "--smoke",
-                          "--tolerance", "1e-5"])
-  assert code == 0, out[-4000:]
-  assert out.count("same params: yes") == 2, out[-4000:]
-
-
 def test_average_ascent_is_required_with_an_axis():
   with pytest.raises(ValueError, match="average_ascent=True for global SAM"):
     sam_optax.sam(optax.sgd(0.1), axis_name="data")
