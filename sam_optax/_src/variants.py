@@ -117,7 +117,9 @@ def _radius_may_vanish(hparams: dict) -> bool:
   False only when the variant has radii and every one is a concrete positive number: a zero
   perturbation can then only come from a zero gradient, so the engine need not keep the clean
   gradient through the perturbed pass to hand it back bit for bit (`exact_at_zero`). Zeros,
-  schedules and injected (traced) values keep that guarantee.
+  schedules and injected (traced) values keep that guarantee. The answer changes what a step
+  computes, never the state's structure: `optax.inject_hyperparams` builds the transformation
+  with concrete values for `init` and traced ones for `update`, and both must fit one state.
   """
   radii = [value for name, value in hparams.items() if name == "rho" or name.startswith("rho_")]
   if not radii:
