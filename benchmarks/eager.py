@@ -7,9 +7,10 @@ dispatched on its own. This script times that, in one process, for:
   * sam_optax.sam, one call per step (`grad_fn=`) and two calls per step (`two_call=True`);
   * optax.contrib.sam in its default two-call mode and in its one-call form
     (`opaque_mode=True`, `grad_fn(params, i)`);
-  * other sam_optax variants, to check that none is pathological eagerly: looksam (a cadence),
-    sam with a window, esam (random draws), asam, gsam, momentum_sam, usam2, m-sharpness
-    (chunked), and `skip_if_nonfinite`.
+  * other sam_optax variants, to check that none is pathological eagerly: looksam (a cadence,
+    also with `has_aux=True`), sam with a window, esam (random draws), asam, gsam,
+    momentum_sam, usam2, m-sharpness (4 chunks, vectorized and sequential), and
+    `skip_if_nonfinite`.
 
 Every contender wraps the same inner optimizer (`optax.sgd(0.1, momentum=0.9)`) and updates
 the same small params (four leaves, a two-layer regression net). The gradient function is
@@ -91,13 +92,15 @@ class Contender:
   """One transformation, its state and params, stepped eagerly; times its update calls."""
 
   def __init__(self, name: str, description: str, tx, params, grad: Callable, *,
-               form: str, calls_grad_fn_with_index: bool = False, chunked: bool = False):
+               form: str, calls_grad_fn_with_index: bool = False, chunked: bool = False,
+               with_aux: bool = False):
     self.name, self.description, self.form = name, description, form
     self.tx, self.grad = tx, grad
     self.params = params
     self.state = tx.init(params)
     self.with_index = calls_grad_fn_with_index
     self.chunked = chunked
+    self.with_aux = with_aux
     self.calls = 2 if form == "two-call" else 1
 
   def _timed_update(self, grads, **kwargs) -> tuple[Any, np.ndarray]:
@@ -123,6 +126,8 @@ class Contender:
       grads = None
     elif self.with_index:  # optax.contrib.sam's opaque mode: grad_fn(params, i)
       kwargs = dict(grad_fn=lambda p, i: grad(p))
+    elif self.with_aux:  # has_aux=True: grad_fn returns (grads, aux), as the Flax helpers do
+      kwargs = dict(grad_fn=lambda p: (grad(p), {"b2": p["b2"]}))
     else:
       kwargs = dict(grad_fn=lambda p: grad(p))
     updates, seconds = self._timed_update(grads, **kwargs)
@@ -148,6 +153,9 @@ CONTENDERS: dict[str, tuple[str, str, Callable[[], Any], dict]] = {
                 lambda: sam_optax.looksam(_inner(), RHO, k=5), {}),
     "looksam_two_call": ("sam_optax.looksam (k=5, two_call=True)", "two-call",
                          lambda: sam_optax.looksam(_inner(), RHO, k=5, two_call=True), {}),
+    "looksam_aux": ("sam_optax.looksam (k=5, has_aux=True)", "one-call",
+                    lambda: sam_optax.looksam(_inner(), RHO, k=5, has_aux=True),
+                    {"with_aux": True}),
     "sam_window": ("sam_optax.sam(window=(1, None))", "one-call",
                    lambda: sam_optax.sam(_inner(), RHO, window=(1, None)), {}),
     "sam_window_two_call": ("sam_optax.sam(window=(1, None), two_call=True)", "two-call",
@@ -163,6 +171,10 @@ CONTENDERS: dict[str, tuple[str, str, Callable[[], Any], dict]] = {
     "usam2": ("sam_optax.usam2", "one-call", lambda: sam_optax.usam2(_inner()), {}),
     "msharp": ("sam_optax.sam(chunk_size=1), 4 chunks", "one-call",
                lambda: sam_optax.sam(_inner(), RHO, chunk_size=1), {"chunked": True}),
+    "msharp_sequential": ("sam_optax.sam(chunk_size=1, chunk_strategy='sequential'), 4 chunks",
+                          "one-call", lambda: sam_optax.sam(_inner(), RHO, chunk_size=1,
+                                                            chunk_strategy="sequential"),
+                          {"chunked": True}),
     "skip_sam": ("skip_if_nonfinite(sam_optax.sam)", "one-call",
                  lambda: sam_optax.skip_if_nonfinite(sam_optax.sam(_inner(), RHO), 5), {}),
     "skip_sam_two_call": ("skip_if_nonfinite(sam_optax.sam(two_call=True))", "two-call",
@@ -259,11 +271,11 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the results to this file")
   args = parser.parse_args(argv)
   if args.rounds is None:
-    args.rounds = 2 if args.smoke else 15
+    args.rounds = 1 if args.smoke else 15
   if args.steps is None:
-    args.steps = 5 if args.smoke else 10
+    args.steps = 2 if args.smoke else 10
   if args.smoke:
-    args.warmup = min(args.warmup, 2)
+    args.warmup = min(args.warmup, 1)
   report = run(args)
   _print(report)
   if args.json:

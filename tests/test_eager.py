@@ -105,6 +105,33 @@ def test_eager_matches_jit_with_window_and_skip(wrap, two_call):
   _assert_states_close(eager_state, jitted_state)
 
 
+@pytest.mark.parametrize("strategy", ["vectorized", "sequential"])
+def test_eager_matches_jit_chunked(strategy):
+  """m-sharpness: eagerly, the sequential strategy loops in Python instead of compiling a scan
+  per call; both strategies give the jitted values, stacked aux included."""
+  problem = problems.mlp(jnp.float64, n=8)
+  tx = sam_optax.sam(optax.sgd(0.1, momentum=0.9), 0.05, chunk_size=2, chunk_strategy=strategy,
+                     has_aux=True)
+  grad_fn = lambda p, b: (jax.grad(problem.loss)(p, b), problem.loss(p, b))
+  jitted = jax.jit(tx.update_with_aux, static_argnames="grad_fn")
+  params, state = problem.params, tx.init(problem.params)
+  for _ in range(2):
+    updates, eager_state, aux = tx.update_with_aux(None, state, params, batch=problem.batch,
+                                                   grad_fn=grad_fn)
+    jitted_updates, jitted_state, jitted_aux = jitted(None, state, params, batch=problem.batch,
+                                                      grad_fn=grad_fn)
+    problems.assert_trees_close(updates, jitted_updates, 1e-12)
+    _assert_states_close(eager_state, jitted_state)
+    assert aux.shape == jitted_aux.shape == (4,)
+    np.testing.assert_allclose(aux, jitted_aux, rtol=1e-12)
+    params, state = optax.apply_updates(params, updates), eager_state
+  with _counting(BACKEND_COMPILE) as compiles:
+    for _ in range(2):
+      updates, state = tx.update(None, state, params, batch=problem.batch, grad_fn=grad_fn)
+      params = jax.block_until_ready(optax.apply_updates(params, updates))
+  assert compiles[0] == 0, f"{compiles[0]} compilations in 2 eager steps"
+
+
 def test_eager_aux_on_steps_without_perturbed_pass():
   """With has_aux and a cadence, a reuse step returns zeros shaped like grad_fn's aux, eagerly
   as under jit."""
@@ -155,16 +182,22 @@ JAXPR_TRACE = "/jax/core/compile/jaxpr_trace_duration"
 @pytest.mark.parametrize("name, options", [
     ("sam", {}), ("sam", {"two_call": True}), ("looksam", {}), ("looksam", {"two_call": True}),
     ("sam", {"window": (1, 3)}), ("sam", {"window": (1, 3), "two_call": True}),
-], ids=["sam", "sam-two_call", "looksam", "looksam-two_call", "window", "window-two_call"])
+    ("looksam", {"has_aux": True}),
+], ids=["sam", "sam-two_call", "looksam", "looksam-two_call", "window", "window-two_call",
+        "looksam-has_aux"])
 def test_eager_calls_do_not_compile(name, options):
   """After a warm-up that visits every branch, further eager updates trace and compile nothing
-  (before control.cond, every un-jitted call compiled its lax.cond)."""
+  (before control.cond, every un-jitted call compiled its lax.cond). With has_aux, `tx.update`
+  drops the aux, so a reuse step does not trace grad_fn for the shape of a zero aux."""
   variant = BY_NAME[name]
   problem = problems.quadratic(jnp.float32)
   two_call = options.get("two_call", False)
   tx = variant.make(optax.sgd(0.1, momentum=0.9), **variant.hparams, **options)
   grad = jax.jit(jax.grad(problem.loss))
-  grad_fn = lambda p: grad(p, None)
+  if options.get("has_aux"):
+    grad_fn = lambda p: (grad(p, None), {"x0": p["x"][0]})
+  else:
+    grad_fn = lambda p: grad(p, None)
   params, state = problem.params, tx.init(problem.params)
 
   def step(params, state):

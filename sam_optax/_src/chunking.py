@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sam_optax._src import control
+
 STRATEGIES = ("vectorized", "sequential")
 
 
@@ -56,18 +58,24 @@ def num_chunks(chunked: Any) -> int:
   return jax.tree.leaves(chunked)[0].shape[0]
 
 
-def reduce(fn: Callable[[Any], tuple[Any, Any]], chunked: Any, strategy: str) -> tuple[Any, Any]:
+def reduce(fn: Callable[[Any], tuple[Any, Any]], chunked: Any, strategy: str, *,
+           eager: bool = False) -> tuple[Any, Any]:
   """Runs `fn(chunk) -> (averaged, stacked)` on every chunk.
 
   Returns the chunk mean of `averaged` (floating leaves; other leaves, such as counts and PRNG
-  keys, are taken from the first chunk) and `stacked` with a leading chunk axis.
+  keys, are taken from the first chunk) and `stacked` with a leading chunk axis. With
+  `eager=True` (the caller's values are concrete: no trace), the sequential strategy is a
+  Python loop over the chunks with the same accumulation, since an un-jitted `lax.scan` over
+  `fn` (a fresh closure on every call) would be traced and compiled on every call.
   """
   if strategy == "vectorized":
     averaged, stacked = jax.vmap(fn)(chunked)
-    return jax.tree.map(_mean_or_first, averaged), stacked
+    return _means_or_firsts(averaged), stacked
   if strategy != "sequential":
     raise ValueError(f"chunk_strategy must be one of {STRATEGIES}, got {strategy!r}.")
   k = num_chunks(chunked)
+  if eager:
+    return _python_loop(fn, chunked, k)
   first = jax.tree.map(lambda x: x[0], chunked)
   averaged_shape, _ = jax.eval_shape(fn, first)
   init = jax.tree.map(lambda s: jnp.zeros(s.shape, _sum_dtype(s.dtype)), averaged_shape)
@@ -84,6 +92,22 @@ def reduce(fn: Callable[[Any], tuple[Any, Any]], chunked: Any, strategy: str) ->
   return mean, stacked
 
 
+def _python_loop(fn, chunked, k):
+  """The sequential strategy, unrolled in Python (eager calls): the scan's sums, in its order."""
+  total, stacked, dtypes = None, [], None
+  for i in range(k):
+    averaged, chunk_stacked = fn(jax.tree.map(lambda x: x[i], chunked))
+    stacked.append(chunk_stacked)
+    if total is None:
+      dtypes = jax.tree.map(lambda x: x.dtype, averaged)
+      # The scan starts from zeros in the sum dtype: 0 + x is x, cast.
+      total = jax.tree.map(lambda x: x.astype(_sum_dtype(x.dtype)), averaged)
+    else:
+      total = jax.tree.map(lambda t, x: _accumulate(t, x, i), total, averaged)
+  mean = jax.tree.map(lambda t, d: (t / k).astype(d) if _is_float(d) else t, total, dtypes)
+  return mean, jax.tree.map(lambda *xs: jnp.stack(xs), *stacked)
+
+
 def _is_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
 
@@ -97,6 +121,12 @@ def _accumulate(total, x, i):
   if _is_float(x.dtype):
     return total + x.astype(total.dtype)
   return jnp.where(i == 0, x, total)
+
+
+@control.eager_jit
+def _means_or_firsts(averaged):
+  """`_mean_or_first` of every leaf: one compiled call when called eagerly (`eager_jit`)."""
+  return jax.tree.map(_mean_or_first, averaged)
 
 
 def _mean_or_first(x):

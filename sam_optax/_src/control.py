@@ -36,6 +36,11 @@ def is_concrete(value: Any) -> bool:
   return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
 
 
+def is_concrete_tree(tree: Any) -> bool:
+  """Whether no leaf of `tree` is a tracer: the values are known, as in eager code."""
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
 def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any],
          *operands: Any) -> Any:
   """`jax.lax.cond(pred, true_fn, false_fn, *operands)`, run directly when `pred` is concrete.

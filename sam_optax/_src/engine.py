@@ -422,7 +422,8 @@ def sharpness_aware(
     on = in_window(count)
     return on if cadence is None else on & cadence(count)
 
-  def take_step(grads, state, params, *, grad_fn, batch=None, chunks=None, **extra):
+  def take_step(grads, state, params, returns_aux, *, grad_fn, batch=None, chunks=None,
+                **extra):
     _refuse_wrappers(two_call)
     _check_state(state, two_call)
     chunked = _chunked_batch(chunk_size, batch, chunks)
@@ -452,18 +453,22 @@ def sharpness_aware(
         return (clean_grads, grads_adv, ascent_state), aux
       return run
 
+    # Called with concrete arrays (not under a trace), the sequential strategy loops in Python
+    # rather than compiling a lax.scan over a fresh closure on every call.
+    eager_chunks = chunked is not None and control.is_concrete_tree((chunked, params, state))
+
     def perturbed_pass():
       if chunked is None:
         return one_chunk(grad_fn)(grads)
       return chunking.reduce(lambda b: one_chunk(lambda p: grad_fn(p, b))(None), chunked,
-                           chunk_strategy)
+                             chunk_strategy, eager=eager_chunks)
 
     def clean_gradient():
       if chunked is None:
         return grads
       def clean(b):
         return _GradientEvaluator(lambda p: grad_fn(p, b), has_aux, params)(params)[0], None
-      return chunking.reduce(clean, chunked, chunk_strategy)[0]
+      return chunking.reduce(clean, chunked, chunk_strategy, eager=eager_chunks)[0]
 
     def perturbed_step(_):
       (clean_grads, grads_adv, ascent_state), aux = perturbed_pass()
@@ -492,8 +497,12 @@ def sharpness_aware(
       else:
         direction, correction_state = control.cond(in_window(state.count), corrected,
                                                    uncorrected, None)
-      zero_aux = None  # what grad_fn's aux is without has_aux: no trace to find its shape
-      if has_aux:
+      # Zeros shaped like grad_fn's aux, found by tracing the perturbed pass: under a trace the
+      # branches of lax.cond must match; eagerly only when the caller reads the aux
+      # (update_with_aux), since tx.update drops it and a trace of grad_fn per step would cost
+      # more than the step (LookSAM's reuse steps, 4 in 5).
+      zero_aux = None
+      if has_aux and (returns_aux or not eager):
         aux_shape = jax.eval_shape(perturbed_step, None)[3]
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
       return direction, state.ascent_state, correction_state, zero_aux
@@ -501,8 +510,10 @@ def sharpness_aware(
     if cadence is None and window is None:
       direction, ascent_state, correction_state, aux = perturbed_step(None)
     else:
+      perturbed = takes_perturbed_pass(state.count)
+      eager = control.is_concrete(perturbed)
       direction, ascent_state, correction_state, aux = control.cond(
-          takes_perturbed_pass(state.count), perturbed_step, plain_step, None)
+          perturbed, perturbed_step, plain_step, None)
     updates, inner_state = inner.update(direction, state.inner_state, params, **extra)
     updates = add_decoupled(updates, correction_state, params, state.count)
     new_state = SharpnessAwareState(
@@ -524,10 +535,10 @@ def sharpness_aware(
           "transformation was built without has_aux=True, so grad_fn returns no aux. Build it "
           "with has_aux=True and a grad_fn returning (grads, aux), e.g. "
           "grad_fn=jax.grad(loss, has_aux=True); or call tx.update.")
-    return take_step(grads, state, params, grad_fn=grad_fn, **extra)
+    return take_step(grads, state, params, True, grad_fn=grad_fn, **extra)
 
   def update_one_call(grads, state, params=None, *, grad_fn=None, **extra):
-    updates, state, _ = take_step(grads, state, params, grad_fn=grad_fn, **extra)
+    updates, state, _ = take_step(grads, state, params, False, grad_fn=grad_fn, **extra)
     return updates, state
 
   def update_two_call(grads, state, params=None, **extra):
