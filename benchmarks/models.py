@@ -171,7 +171,8 @@ def make(name: str, preset: str = "cpu", dtype: Any = jnp.float32, seed: int = 0
     description = (f"Transformer LM, {size['layers']} layers, d={size['dim']}, "
                    f"{size['heads']} heads, seq {size['seq']}, vocab {size['vocab']}, "
                    f"batch {size['batch']}")
-  params = model.init(k_init, jax.tree.map(lambda a: a[:1], batch)["x"])["params"]
+  # One compiled init, not one compilation per eager op (tens of seconds for the Transformer).
+  params = jax.jit(model.init)(k_init, jax.tree.map(lambda a: a[:1], batch)["x"])["params"]
 
   def loss(params, batch):
     return _cross_entropy(model.apply({"params": params}, batch["x"]), batch["y"])

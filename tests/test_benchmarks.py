@@ -55,7 +55,9 @@ def test_models_build():
     sys.path.pop(0)
   for name in models.MODELS:
     problem = models.make(name, "smoke", jnp.float32)
-    loss = problem.loss(problem.params, problem.batch)
+    # Jitted: eager Flax compiles every op on its own, which took most of a minute.
+    loss_fn = jax.jit(problem.loss)
+    loss = loss_fn(problem.params, problem.batch)
     assert loss.shape == () and jnp.isfinite(loss), name
     half = jax.tree.map(lambda x: x[: problem.batch_size // 2], problem.batch)
-    assert jnp.isfinite(problem.loss(problem.params, half)), name  # a chunk is a batch
+    assert jnp.isfinite(loss_fn(problem.params, half)), name  # a chunk is a batch
