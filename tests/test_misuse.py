@@ -281,6 +281,12 @@ CASES = {
     "dnsam_nan_full_grad_norm_eagerly": (
         lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=float("nan")),
         ValueError, r"full_grad_norm must be finite and > 0\.0, got nan", r"omit it"),
+    "vasso_theta_of_zero": (
+        lambda: sam_optax.vasso(optax.sgd(0.1), theta=0.0), ValueError,
+        r"theta must be in \(0\.0, 1\.0\], got 0\.0", r"weighs the new gradient"),
+    "boolean_hyperparameter": (
+        lambda: sam_optax.sam(optax.sgd(0.1), rho=True), TypeError,
+        r"rho must be a float or a schedule", r"got bool"),
     "hyperparameter_of_the_wrong_shape": (
         lambda: sam_optax.sam(optax.sgd(0.1), rho=jnp.ones(2)), ValueError,
         r"rho must be a scalar, got shape \(2,\)", r"scalar"),

@@ -439,10 +439,13 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     \epsilon = \rho\, \frac{T_w^2\, g}{\|T_w\, g\|}
 
   the maximizer of the linearized loss over the ellipsoid `||T_w^{-1} eps|| <= rho`. A zero
-  gradient gives a zero perturbation. `bias_convention` picks the leaves whose metric is the
-  identity (`T = 1`): `"adaptive"` none (the paper's formula on every leaf), `"identity"` every
-  leaf with at most one dimension (biases and normalization scales and offsets), `"no_bias"` the
-  leaves whose last key is `bias` (the authors' code adapts only tensors named `weight`).
+  gradient gives a zero perturbation; `g` enters divided by a power of two near its largest
+  entry (`eps` does not depend on its scale), so that gradients of any finite magnitude (float32
+  ones of 1e30 or 1e-25 included) give a finite `eps`. `bias_convention` picks the leaves whose
+  metric is the identity (`T = 1`): `"adaptive"` none (the paper's formula on every leaf),
+  `"identity"` every leaf with at most one dimension (biases and normalization scales and
+  offsets), `"no_bias"` the leaves whose last key is `bias` (the authors' code adapts only
+  tensors named `weight`).
 
   Args:
     rho: the radius in the adaptive metric, >= 0 (the paper uses 0.5 to 2, 10x SAM's); a float
@@ -482,6 +485,9 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     if params is None:
       raise ValueError("adaptive_ascent (ASAM) needs the params: call update(g, state, params).")
     g = tree.in_accumulation_dtype(grads)
+    # eps does not change when g is scaled: take g / 2^e with 2^e <= max|g|, exact in the
+    # normal range, so that T g neither overflows (|w| g at float32 |g| ~ 1e20) nor underflows.
+    g = tree.times_power_of_two(g, -tree.max_exponent(g, axis_name=param_axis_name))
     t = jax.tree.map(lambda x, w: x.astype(w.dtype), weights(params), g)
     tg = jax.tree.map(lambda a, b: a * b, t, g)
     factor = value_at(rho, _step(state.count, count)) * tree.safe_inverse(
@@ -690,7 +696,9 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
     NeurIPS 2023, https://arxiv.org/abs/2309.15639
   """
   rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
-  theta = check_hparam("theta", theta, high=1.0, hint="theta weighs the new gradient (paper 0.9).")
+  # theta = 0 would freeze the average at the first gradient: the perturbation would never move.
+  theta = check_hparam("theta", theta, low_open=True, high=1.0,
+                       hint="theta weighs the new gradient (paper 0.9).")
 
   def init(params):
     return AverageState(count=jnp.zeros([], jnp.int32),

@@ -64,7 +64,8 @@ def check_hparam(name: str, value: ScalarOrSchedule, *, low: float = 0.0,
   bounds = _Bounds(name, low, high, low_open, high_open)
   if callable(value):
     return _CheckedSchedule(value, bounds)
-  if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
     raise TypeError(f"{name} must be a float or a schedule (a function of the step count), "
                     f"got {type(value).__name__}.")
   concrete = _concrete(value)

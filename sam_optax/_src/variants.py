@@ -686,7 +686,7 @@ def vasso(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9) -> Pieces
   Args:
     inner: the optimizer that takes the descent step.
     rho: the radius (the paper uses SAM's tuned value); a float or a schedule.
-    theta: the weight of the new gradient (paper 0.9; `theta = 1` is SAM).
+    theta: the weight of the new gradient in (0, 1] (paper 0.9; `theta = 1` is SAM).
 
   Returns:
     A `SharpnessAwareTransformation`.
