@@ -274,13 +274,13 @@ CASES = {
         lambda: sam_optax.gsam(optax.sgd(0.1), learning_rate=lambda t: 0.1, lr_max=0.1,
                                lr_min=float("nan")), ValueError,
         r"lr_min must be finite", r"schedule's final value"),
-    "dnsam_zero_full_grad_norm_eagerly": (
-        lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=0.0), ValueError,
-        r"full_grad_norm must be finite and > 0\.0, got 0\.0",
+    "dnsam_negative_full_grad_norm_eagerly": (
+        lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=-1.0),
+        ValueError, r"full_grad_norm must be finite and >= 0\.0, got -1\.0",
         r"norm of the full-batch gradient; omit it to use the estimate"),
     "dnsam_nan_full_grad_norm_eagerly": (
         lambda: one_call_update(sam_optax.dnsam(optax.sgd(0.1)), full_grad_norm=float("nan")),
-        ValueError, r"full_grad_norm must be finite and > 0\.0, got nan", r"omit it"),
+        ValueError, r"full_grad_norm must be finite and >= 0\.0, got nan", r"omit it"),
     "vasso_theta_of_zero": (
         lambda: sam_optax.vasso(optax.sgd(0.1), theta=0.0), ValueError,
         r"theta must be in \(0\.0, 1\.0\], got 0\.0", r"weighs the new gradient"),

@@ -122,21 +122,24 @@ def test_a_lam_schedule_out_of_range_gives_nan_updates(schedule):
   assert finite_steps(stepper(tx, False), tx.init(PROBLEM.params), steps=1) == [False]
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_dnsam_invalid_full_grad_norm_gives_nan_updates_under_jit(bad):
-  """A traced full_grad_norm that is not a positive finite number: NaN, not the plain inner
-  step that a zero perturbation would give (a valid one gives a finite step)."""
+  """A traced full_grad_norm that is negative, not finite, or zero while the gradient is not:
+  NaN, not the plain inner step that a zero perturbation would give. A valid one gives a
+  finite step, and a zero one at a zero gradient the zero perturbation (eps = 0)."""
   tx = sam_optax.dnsam(optax.sgd(0.1), rho=0.05)
 
   @jax.jit
-  def step(norm):
-    params = PROBLEM.params
+  def step(norm, params):
     updates, _ = tx.update(loss_grad(params), tx.init(params), params, grad_fn=loss_grad,
                            full_grad_norm=norm)
-    return finite(updates)
+    return finite(updates), updates
 
-  assert bool(step(jnp.float32(2.0)))
-  assert not bool(step(jnp.float32(bad)))
+  assert bool(step(jnp.float32(2.0), PROBLEM.params)[0])
+  assert not bool(step(jnp.float32(bad), PROBLEM.params)[0])
+  at_minimum = jax.tree.map(jnp.zeros_like, PROBLEM.params)  # the quadratic's gradient is 0
+  ok, updates = step(jnp.float32(0.0), at_minimum)
+  assert bool(ok) and all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
 def test_skip_if_nonfinite_skips_a_step_with_an_invalid_injected_rho():

@@ -157,10 +157,10 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
   full batches), and normalizing by its root gives a perturbation whose root-mean-square length
   is exactly `rho`, SAM's radius, while its direction and relative length stay stochastic, which
   is the point of DNSAM. It costs one scalar of state and no extra gradient. Pass
-  `full_grad_norm` for the exact rule: a positive finite scalar (a Python number that is not
-  raises a ValueError; a JAX array that is not, e.g. traced under `jax.jit`, makes the
-  perturbation, and so the step's updates, NaN). A zero estimated norm gives a zero
-  perturbation.
+  `full_grad_norm` for the exact rule: a finite scalar >= 0 (a negative or non-finite Python
+  number raises a ValueError; a JAX array, e.g. traced under `jax.jit`, makes the perturbation,
+  and so the step's updates, NaN). A full-batch norm of 0 with a nonzero stochastic gradient
+  also gives NaN; with a zero gradient, as a zero estimated norm, a zero perturbation.
 
   Args:
     rho: the perturbation scale, >= 0; a float or a schedule of the ascent count.
@@ -208,12 +208,15 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
       if jnp.ndim(full_grad_norm) != 0:
         raise ValueError(f"full_grad_norm must be a scalar (the norm of the full-batch "
                          f"gradient), got shape {jnp.shape(full_grad_norm)}.")
-      # A full-batch norm that is not a positive finite number cannot normalize: it gives a
-      # NaN perturbation (a ValueError for a Python number), never a silent plain step.
+      # A negative or non-finite full-batch norm cannot normalize: it gives a NaN
+      # perturbation (a ValueError for a Python number), never a silent plain step. A zero one
+      # is a stationary point: consistent with a zero gradient (a zero perturbation, as SAM's),
+      # not with a nonzero one (NaN).
       norm = check_run_time_value(
-          "full_grad_norm", full_grad_norm, low=0.0, low_open=True,
+          "full_grad_norm", full_grad_norm, low=0.0,
           hint="It is the norm of the full-batch gradient; omit it to use the estimate."
       ).astype(dtype)
+      norm = jnp.where((norm == 0) & (grad_norm != 0), jnp.nan, norm)
     # NaN-preserving where safe_inverse is not: a NaN norm (an invalid decay or full_grad_norm)
     # gives a NaN perturbation; a zero or infinite one still gives zero.
     factor = rho_t * jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))

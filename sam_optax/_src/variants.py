@@ -309,8 +309,9 @@ def dnsam(rho: ScalarOrSchedule = 0.05, decay: float = 0.99) -> Pieces:
     \epsilon = \rho\, \frac{g}{\|\nabla L(w)\|}, \qquad d = \nabla L_B(w + \epsilon)
 
   with `g = grad L_B(w)` the minibatch gradient. Pass the full-batch norm each step as
-  `tx.update(..., full_grad_norm=value)`, a positive finite scalar (a Python number that is not
-  raises a ValueError; a traced one makes the step's updates NaN); without it, it is estimated by the root of a
+  `tx.update(..., full_grad_norm=value)`, a finite scalar, positive unless the gradient is
+  zero (a negative or non-finite Python number raises a ValueError; otherwise an invalid value
+  makes the step's updates NaN); without it, it is estimated by the root of a
   bias-corrected moving average of `||g||^2` (see
   `sam_optax.deterministic_normalized_ascent`: it overestimates `||grad L||` by the gradient
   noise, `E ||g||^2 = ||grad L||^2 + tr(Sigma)/B`, and gives a perturbation of root-mean-square
