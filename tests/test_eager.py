@@ -132,25 +132,33 @@ def test_eager_matches_jit_chunked(strategy):
   assert compiles[0] == 0, f"{compiles[0]} compilations in 2 eager steps"
 
 
-def test_eager_aux_on_steps_without_perturbed_pass():
-  """With has_aux and a cadence, a reuse step returns zeros shaped like grad_fn's aux, eagerly
-  as under jit."""
-  problem = problems.quadratic(jnp.float64)
-  tx = sam_optax.looksam(optax.sgd(0.1), 0.1, k=2, has_aux=True)
-  grad_fn = lambda p: (jax.grad(problem.loss)(p, None), {"loss": problem.loss(p, None)})
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole_batch", "chunked"])
+def test_eager_aux_on_steps_without_perturbed_pass(chunked):
+  """With has_aux and a cadence, a reuse step returns zeros shaped like grad_fn's aux (stacked
+  over chunks under m-sharpness), eagerly as under jit."""
+  problem = problems.mlp(jnp.float64, n=8)
+  options = {"chunk_size": 4} if chunked else {}
+  tx = sam_optax.looksam(optax.sgd(0.1), 0.1, k=2, has_aux=True, **options)
+
+  def grad_fn(p, b=problem.batch):
+    return jax.grad(problem.loss)(p, b), {"loss": problem.loss(p, b)}
+
+  kwargs = {"batch": problem.batch} if chunked else {}
   params, state = problem.params, tx.init(problem.params)
   jitted = jax.jit(tx.update_with_aux, static_argnames="grad_fn")
   for t in range(3):
-    grads = jax.grad(problem.loss)(params, None)
-    updates, eager_state, aux = tx.update_with_aux(grads, state, params, grad_fn=grad_fn)
-    jitted_updates, _, jitted_aux = jitted(grads, state, params, grad_fn=grad_fn)
+    grads = jax.grad(problem.loss)(params, problem.batch)
+    updates, eager_state, aux = tx.update_with_aux(grads, state, params, grad_fn=grad_fn,
+                                                   **kwargs)
+    jitted_updates, _, jitted_aux = jitted(grads, state, params, grad_fn=grad_fn, **kwargs)
     problems.assert_trees_close(updates, jitted_updates, 1e-12)
     assert jax.tree.structure(aux) == jax.tree.structure(jitted_aux)
+    assert aux["loss"].shape == jitted_aux["loss"].shape == ((2,) if chunked else ())
     np.testing.assert_allclose(aux["loss"], jitted_aux["loss"], rtol=1e-12)
     if t % 2:  # a reuse step: no perturbed pass, so a zero aux
-      assert float(aux["loss"]) == 0.0
+      assert np.all(np.asarray(aux["loss"]) == 0.0)
     else:  # the loss at the perturbed point, above the clean loss (SAM's ascent)
-      assert float(aux["loss"]) > float(problem.loss(params, None))
+      assert np.all(np.asarray(aux["loss"]) > 0.0)
     params, state = optax.apply_updates(params, updates), eager_state
 
 

@@ -446,7 +446,10 @@ def sharpness_aware(
         eps, ascent_state = perturb(ascent_input(clean_grads), state.ascent_state, params,
                                     dict(extra, grad_fn=ascent_grad_fn, count=state.count))
         if linearize:
-          grads_adv, aux = evaluate.linearized(params, clean_grads, eps)
+          grads_adv, aux, grads_at_params = evaluate.linearized(params, clean_grads, eps)
+          # What grad_fn returned is not in g + H eps (a constant NaN has no derivative): carry
+          # its NaN or Inf there, as the other variants' perturbed gradient carries its own.
+          grads_adv = nonfinite_through(grads_adv, grads_at_params)
         else:
           grads_adv, aux = evaluate(tree.add(params, eps))
         grads_adv = keep_clean_at_zero(eps, clean_grads, grads_adv)
@@ -497,15 +500,30 @@ def sharpness_aware(
       else:
         direction, correction_state = control.cond(in_window(state.count), corrected,
                                                    uncorrected, None)
-      # Zeros shaped like grad_fn's aux, found by tracing the perturbed pass: under a trace the
-      # branches of lax.cond must match; eagerly only when the caller reads the aux
-      # (update_with_aux), since tx.update drops it and a trace of grad_fn per step would cost
-      # more than the step (LookSAM's reuse steps, 4 in 5).
+      # Zeros shaped like grad_fn's aux. Under a trace, from a trace of the perturbed pass, whose
+      # output the lax.cond branches must match exactly. Eagerly, only when the caller reads the
+      # aux (update_with_aux; tx.update drops it), and from a trace of grad_fn alone: a trace
+      # of the whole pass per step (LookSAM's reuse steps, 4 in 5) cost 20x the step itself.
       zero_aux = None
-      if has_aux and (returns_aux or not eager):
+      if has_aux and not eager:
         aux_shape = jax.eval_shape(perturbed_step, None)[3]
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+      elif has_aux and returns_aux:
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grad_fn_aux_shape())
       return direction, state.ascent_state, correction_state, zero_aux
+
+    def grad_fn_aux_shape():
+      """The shape of the perturbed pass's aux, from grad_fn alone: the perturbed point has the
+      params' shapes and dtypes (and a linearized pass returns the aux at the params)."""
+      def aux_at(point, b=None):
+        batch_grad_fn = grad_fn if chunked is None else (lambda p: grad_fn(p, b))
+        return _GradientEvaluator(batch_grad_fn, has_aux, params)(point)[1]
+      if chunked is None:
+        return jax.eval_shape(aux_at, params)
+      first = jax.tree.map(lambda x: x[0], chunked)
+      k = chunking.num_chunks(chunked)  # the aux is stacked over chunks
+      return jax.tree.map(lambda s: jax.ShapeDtypeStruct((k,) + s.shape, s.dtype),
+                          jax.eval_shape(aux_at, params, first))
 
     if cadence is None and window is None:
       direction, ascent_state, correction_state, aux = perturbed_step(None)
@@ -979,9 +997,10 @@ class _GradientEvaluator:
     return grads, aux
 
   def linearized(self, params, clean_grads, eps):
-    """`(g + H(params) eps, aux at params)`: one forward-over-reverse Hessian-vector product."""
-    (_, aux), (hessian_eps, _) = jax.jvp(self, (params,), (tree.cast_like(eps, params),))
-    return tree.add(clean_grads, hessian_eps), aux
+    """`(g + H(params) eps, aux at params, grad_fn's value at params)`: one forward-over-reverse
+    Hessian-vector product."""
+    (grads, aux), (hessian_eps, _) = jax.jvp(self, (params,), (tree.cast_like(eps, params),))
+    return tree.add(clean_grads, hessian_eps), aux, grads
 
 
 def _looks_like_grads_and_aux(out, params):
