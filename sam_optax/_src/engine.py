@@ -17,6 +17,7 @@ The same pieces run in a one-call form (`update` evaluates `grad_fn`) and a two-
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import sys
@@ -850,6 +851,20 @@ def _signature_message(grad_fn, chunked, error):
           f"grad_fn(params, batch).")
 
 
+def _keys_not_in_both(a, b):
+  """The keys that one of two nested dicts has and the other lacks, at the first level where
+  they differ (found here: JAX's error names them only in recent versions), or None."""
+  if isinstance(a, collections.abc.Mapping) and isinstance(b, collections.abc.Mapping):
+    keys = sorted(map(str, set(a) ^ set(b)))
+    if keys:
+      return keys
+    for key in a:
+      keys = _keys_not_in_both(a[key], b[key])
+      if keys:
+        return keys
+  return None
+
+
 def _check_mask(mask_tree, params):
   """The mask must be a tree of bools shaped like the params (or a prefix): checked at trace
   time, so that a missing or extra key is named here rather than inside optax.masked."""
@@ -858,10 +873,9 @@ def _check_mask(mask_tree, params):
   except (ValueError, TypeError) as error:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
-    marker = "symmetric difference on key sets is"
-    at = [i for i, line in enumerate(lines[:-1]) if marker in line]
-    if at:  # JAX names the keys that one tree has and the other lacks
-      first += f"; keys in one and not the other: {lines[at[0] + 1]}"
+    keys = _keys_not_in_both(mask_tree, params)
+    if keys:
+      first += f"; keys in one and not the other: {', '.join(keys)}"
     raise ValueError(
         f"mask= does not match the params: mask has structure {jax.tree.structure(mask_tree)} "
         f"and params {jax.tree.structure(params)} ({first}). mask must be a tree of bools "
