@@ -33,9 +33,19 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+def pytest_configure(config):
+  """Under pytest-xdist, hands tests out one at a time (each worker keeps two queued).
+
+  xdist's default sends each worker a quarter of the suite at once, in collection order: one
+  worker then got every slow test and ran alone at the end. One at a time, the slow tests
+  (collected first, below) are shared by the workers, which finish together.
+  """
+  if getattr(config.option, "maxschedchunk", False) is None:  # xdist present, not set by hand
+    config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first: `pytest -n 2` hands tests out in this order, so the long ones (subprocesses
-  of a minute or more) start at once and the short ones fill in around them, instead of one
-  worker finishing the suite alone."""
+  """Slow tests first, so that the long ones (subprocesses of a minute or more) start at once and
+  the short ones fill in around them instead of running alone at the end."""
   del config  # unused
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: else unchanged
