@@ -105,7 +105,8 @@ def test_eager_matches_jit_with_window_and_skip(wrap, two_call):
   _assert_states_close(eager_state, jitted_state)
 
 
-@pytest.mark.parametrize("strategy", ["vectorized", "sequential"])
+@pytest.mark.parametrize("strategy", [pytest.param("vectorized", marks=pytest.mark.slow),
+                                      "sequential"])
 def test_eager_matches_jit_chunked(strategy):
   """m-sharpness: eagerly, the sequential strategy loops in Python instead of compiling a scan
   per call; both strategies give the jitted values, stacked aux included."""
