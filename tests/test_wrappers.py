@@ -297,8 +297,9 @@ def test_two_call_rho_zero_hands_the_inner_optimizer_g_bit_for_bit(variant):
 def test_low_precision_params_with_float32_gradients(variant, two_call):
   """bfloat16 and float16 params, float32 gradients, optax.adam inside: finite updates of the
   params' dtype at every step, close to the float32 run. In the one-call form also with a
-  grad_fn in the params' dtype (`g` float32, `g_adv` bfloat16: they meet where a cadence or
-  window skips the perturbed pass)."""
+  grad_fn in bfloat16 (`g` float32, `g_adv` bfloat16: they meet where a cadence or window
+  skips the perturbed pass). Not float16 gradients: adam's second moment of a small float16
+  direction (bSAM's `g_m / s`) underflows, a step away from float32 with or without SAM."""
   make_step = two_call_step if two_call else one_call_step
   # eps=1e-3: adam's first steps are not sign(g), which would turn the rounding of a near-zero
   # gradient entry into a full step of either sign.
@@ -306,7 +307,7 @@ def test_low_precision_params_with_float32_gradients(variant, two_call):
   native_grad = lambda p, x: jax.grad(loss)(p, x.astype(jax.tree.leaves(p)[0].dtype))
   runs = [(dtype, f32_grad) for dtype in (jnp.float32, jnp.bfloat16, jnp.float16)]
   if not two_call:
-    runs += [(jnp.bfloat16, "native"), (jnp.float16, "native")]
+    runs += [(jnp.bfloat16, "native")]
 
   @jax.jit
   def run():
@@ -331,7 +332,9 @@ def test_low_precision_params_with_float32_gradients(variant, two_call):
     for params, expected in zip(path, reference):
       for leaf in jax.tree.leaves(params):
         assert leaf.dtype == dtype and bool(jnp.all(jnp.isfinite(leaf)))
-      # Three adam steps of at most 1e-2, the params rounded to 8 (bfloat16) or 11 (float16)
-      # significant bits at every step.
-      assert_close(params, expected, 1e-2 if dtype == jnp.bfloat16 else 3e-3)
+      # Adam steps of about 1e-2 each: the low-precision rounding of the params (8 or 11
+      # significant bits) and of a near-zero gradient entry (which adam rescales to a step of
+      # up to 1e-2) stay within one step of the float32 run; a missing, doubled or reversed
+      # step does not.
+      assert_close(params, expected, 1e-2)
   assert not np.allclose(reference[-1]["w"], W0["w"])
