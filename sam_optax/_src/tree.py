@@ -161,6 +161,30 @@ def max_abs(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
 
 
 @control.eager_jit(static_argnames=("axis_name",))
+def max_exponent(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
+  """The int32 `e` with `2^e <= max|tree| < 2^(e+1)`; 0 for a tree that is zero or holds a NaN
+  or an infinity. `times_power_of_two(tree, -e)` then has entries in (-2, 2)."""
+  m = max_abs(tree, axis_name=axis_name)
+  ok = (m > 0) & jnp.isfinite(m)
+  return jnp.where(ok, jnp.frexp(jnp.where(ok, m, jnp.ones_like(m)))[1] - 1, 0)
+
+
+@control.eager_jit
+def times_power_of_two(tree: Any, exponent: jax.Array) -> Any:
+  """Every leaf times `2^exponent`: exact wherever the result is a normal number.
+
+  Applied as two power-of-two factors, so that neither leaves the normal range for any exponent
+  a float32 maximum can have (`2^-e` alone would for the largest floats, and a product with a
+  subnormal factor, or a division compiled as one, flushes to zero on CPU and GPU).
+  """
+  def leaf(x):
+    one = jnp.ones((), x.dtype)
+    half = exponent // 2
+    return x * jnp.ldexp(one, half) * jnp.ldexp(one, exponent - half)
+  return jax.tree.map(leaf, tree)
+
+
+@control.eager_jit(static_argnames=("axis_name",))
 def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`<a, b>` as `(value, scale_a, scale_b)` with `<a, b> = value * scale_a * scale_b`, finite
@@ -189,23 +213,10 @@ def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
     return plain, one, one
 
   def rescaled(_):
-    def exponent_of(tree_):
-      """e with 2^e <= max|tree| < 2^(e+1); 0 for a zero or non-finite maximum."""
-      m = max_abs(tree_, axis_name=axis_name).astype(acc)
-      ok = (m > 0) & jnp.isfinite(m)
-      return jnp.where(ok, jnp.frexp(jnp.where(ok, m, one))[1] - 1, 0)
-
-    def divided(tree_, e):
-      # By 2^-e in two power-of-two factors: exact, and neither factor leaves the normal range
-      # (2^-e alone does for the largest floats, and a division by a scalar may be compiled as
-      # a product with its reciprocal, which would then flush to zero).
-      low, high = jnp.ldexp(one, -(e // 2)), jnp.ldexp(one, -(e - e // 2))
-      return jax.tree.map(lambda x: x.astype(acc) * low * high, tree_)
-
-    e_a = exponent_of(a)
-    e_b = e_a if same else exponent_of(b)
-    a_ = divided(a, e_a)
-    b_ = a_ if same else divided(b, e_b)
+    e_a = max_exponent(a, axis_name=axis_name)
+    e_b = e_a if same else max_exponent(b, axis_name=axis_name)
+    a_ = times_power_of_two(in_accumulation_dtype(a), -e_a)
+    b_ = a_ if same else times_power_of_two(in_accumulation_dtype(b), -e_b)
     return vdot(a_, b_, axis_name=axis_name), jnp.ldexp(one, e_a), jnp.ldexp(one, e_b)
 
   in_range = jnp.isfinite(plain) & (jnp.abs(plain) >= floor)
