@@ -33,8 +33,9 @@ def unified_ascent(rho: ScalarOrSchedule, lam: ScalarOrSchedule = 1.0
   .. math::
     \epsilon = \rho_t \left(1 - \lambda_t + \frac{\lambda_t}{\|g\|}\right) g
 
-  with `||g||` the global L2 norm, accumulated in float32 or wider; `1/||g||` is taken as 0 when
-  `g = 0`, so a zero gradient gives a zero perturbation. `lam = 1` is SAM's
+  with `||g||` the global L2 norm, accumulated in float32 or wider and finite for any finite `g`
+  (float32 entries of 1e30 or 1e-25 included: no overflow of `||g||^2`); `1/||g||` is taken as
+  0 when `g = 0`, so a zero gradient gives a zero perturbation. `lam = 1` is SAM's
   `rho g / ||g||` and `lam = 0` is USAM's `rho g`, both exactly.
 
   Args:

@@ -249,6 +249,18 @@ def sharpness_aware(
   `optax.apply_if_finite` to catch. Python numbers among the leaves of `grads` and `params`
   are taken as arrays.
 
+  Non-finite gradients: a traced step cannot raise, so a NaN or Inf in the clean gradient `g`
+  (when the ascent reads it) or in the perturbed gradient (when a correction comes between it
+  and the direction, or in `g + H eps` with `linearize`) makes the whole direction NaN (in the
+  two-call form, the ascent call's `eps` and so the pair's updates), even where the rule alone
+  would drop it (a loss whose gradient saturates to a finite value at a NaN point, a leaf
+  ESAM's draw leaves out); `sam_optax.skip_if_nonfinite` then skips the step. The test reads
+  `||g||`, the reduction a normalized ascent already makes, so it costs nothing there. Ascents
+  that ignore `g` (`ascent_reads_grads=False`) leave it unread. Finite gradients of any
+  magnitude (float32 ones of 1e30 or 1e-25 included) give finite norms and ratios: where a sum
+  of squares over- or underflows, it is recomputed with the entries divided by a power of two
+  near their largest magnitude (inside a `lax.cond`: one scalar test in the normal range).
+
   Returns:
     A `SharpnessAwareTransformation` (an `optax.GradientTransformationExtraArgs`) whose state
     is a `SharpnessAwareState`.
