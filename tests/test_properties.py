@@ -6,6 +6,9 @@ Every new structure, shape or dtype costs XLA compilations, so the tests run op 
 `jax.disable_jit()` (JAX caches each primitive per shape and dtype, the vocabulary of shapes
 and dtypes is small, and `lax.cond` then runs the branch taken instead of compiling both), with
 few examples, derandomized and without a database so that CI is deterministic.
+
+Each property runs twice per variant: on `COVERAGE_TREE` alone (every dtype, empty and all-zero
+leaves, nesting: the fast tier) and on hypothesis's random trees (`slow`: most of the time).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sam_optax
@@ -90,6 +93,20 @@ def assert_like(actual, expected, what):
     assert (a.shape, a.dtype) == (e.shape, e.dtype), (what, a.shape, a.dtype, e.shape, e.dtype)
 
 
+# The fast tier checks each property on COVERAGE_TREE; the random search is in the full suite.
+SEARCH = [pytest.param(False, id="coverage_tree"),
+          pytest.param(True, id="search", marks=pytest.mark.slow)]
+
+
+def check_trees(check, search):
+  """Runs `check(params)` op by op on COVERAGE_TREE, or on random trees when `search`."""
+  with jax.disable_jit():
+    if search:
+      SETTINGS(given(params=trees())(check))()
+    else:
+      check(COVERAGE_TREE)
+
+
 def metric_of(variant):
   """The elementwise weights `T(params)` of the variant's norms (ASAM), or None."""
   make, keywords = variant.make, {}
@@ -104,13 +121,11 @@ def metric_of(variant):
   return build(**arguments).metric
 
 
+@pytest.mark.parametrize("search", SEARCH)
 @pytest.mark.parametrize("variant", CATALOGUE, ids=str)
-def test_updates_are_finite_and_state_keeps_its_shape(variant):
+def test_updates_are_finite_and_state_keeps_its_shape(variant, search):
   forms = [False, True] if variant.two_call else [False]
 
-  @SETTINGS
-  @given(params=trees())
-  @example(params=COVERAGE_TREE)
   def check(params):
     for two_call in forms:
       # optax.adam's default eps=1e-8 is 0 in float16, where a zero gradient then gives 0/0.
@@ -129,18 +144,15 @@ def test_updates_are_finite_and_state_keeps_its_shape(variant):
       assert_like(p, params, "params")
       assert_finite(state, "state")
 
-  with jax.disable_jit():
-    check()
+  check_trees(check, search)
 
 
+@pytest.mark.parametrize("search", SEARCH)
 @pytest.mark.parametrize("variant", [v for v in CATALOGUE if v.rho_zero_is_inner], ids=str)
-def test_rho_zero_reproduces_the_inner_optimizer(variant):
+def test_rho_zero_reproduces_the_inner_optimizer(variant, search):
   hparams = dict(variant.hparams, **{name: 0.0 for name in variant.rho_names})
   inner = optax.sgd(0.1, momentum=0.9)
 
-  @SETTINGS
-  @given(params=trees())
-  @example(params=COVERAGE_TREE)
   def check(params):
     tx = variant.make(inner, **hparams)
     ours, state = params, tx.init(params)
@@ -152,19 +164,16 @@ def test_rho_zero_reproduces_the_inner_optimizer(variant):
         np.testing.assert_array_equal(np.asarray(u, np.float64), np.asarray(e, np.float64))
       ours, theirs = optax.apply_updates(ours, updates), optax.apply_updates(theirs, expected)
 
-  with jax.disable_jit():
-    check()
+  check_trees(check, search)
 
 
+@pytest.mark.parametrize("search", SEARCH)
 @pytest.mark.parametrize("variant", CATALOGUE, ids=str)
-def test_renormalization_keeps_the_clean_norm(variant):
+def test_renormalization_keeps_the_clean_norm(variant, search):
   """`||T d|| = ||T g||` (T = 1, or the variant's adaptive metric), to the rounding of d."""
   metric = metric_of(variant)
   tx = variant.make(optax.identity(), **variant.hparams, renormalize=True)
 
-  @SETTINGS
-  @given(params=trees())
-  @example(params=COVERAGE_TREE)
   def check(params):
     grads = grad_fn(params)
     direction, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
@@ -176,8 +185,7 @@ def test_renormalization_keeps_the_clean_norm(variant):
     eps = max([float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(params)] + [1e-7])
     np.testing.assert_allclose(ours, clean, rtol=2 * eps, atol=1e-30)
 
-  with jax.disable_jit():
-    check()
+  check_trees(check, search)
 
 
 # ---------------------------------------------------------------------------- ASAM equivariance
@@ -201,18 +209,31 @@ def asam_perturbation(params, grads, **hparams):
 
 
 @pytest.mark.skipif(not hasattr(sam_optax, "asam"), reason="ASAM not in this build")
+@pytest.mark.parametrize("c", [-4.0, 0.5, 3.0, -0.7])  # exact (powers of two) and rounded
+@pytest.mark.parametrize("k", [0, 2])
+def test_asam_perturbation_is_equivariant_under_leaf_rescaling(k, c):
+  """The fast tier's case: a fixed tree of float32 and float64 leaves."""
+  params = {"a": jnp.asarray([[0.5, -1.0, 2.0], [0.25, 3.0, -0.1]], jnp.float32),
+            "b": [jnp.asarray(-1.5, jnp.float64), jnp.asarray([0.7, -0.2, 1.1], jnp.float64)]}
+  with jax.disable_jit():
+    check_equivariance(params, k, c)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(sam_optax, "asam"), reason="ASAM not in this build")
 @SETTINGS
 @given(params=trees(ASAM_LEAVES), data=st.data(),
        c=st.sampled_from([2.0, 0.5, -4.0, 0.125, 3.0, -0.7, 10.0]))
-def test_asam_perturbation_is_equivariant_under_leaf_rescaling(params, data, c):
-  with jax.disable_jit():
-    check_equivariance(params, data, c)
-
-
-def check_equivariance(params, data, c):
-  flat, treedef = jax.tree.flatten(params)
+def test_asam_perturbation_is_equivariant_under_leaf_rescaling_search(params, data, c):
+  flat = jax.tree.leaves(params)
   assume(flat)
-  k = data.draw(st.integers(0, len(flat) - 1))
+  with jax.disable_jit():
+    check_equivariance(params, data.draw(st.integers(0, len(flat) - 1)), c)
+
+
+def check_equivariance(params, k, c):
+  """Rescaling leaf k by c (and its gradient by 1/c) multiplies eps on leaf k by c only."""
+  flat, treedef = jax.tree.flatten(params)
   grads = grad_fn(params)
   hparams = dict(rho=0.5, eta=0.0)
   eps = jax.tree.leaves(asam_perturbation(params, grads, **hparams))
