@@ -105,6 +105,20 @@ def vary(tree: Any, axis_name: AxisName) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x`, marked as varying over the `shard_map` mesh axes `like` varies over (a no-op where JAX
+  does not track varying axes), so that conditional branches return matching types."""
+  if not _varying_axes_tracked():
+    return x
+  missing = tuple(sorted(_varying_axes(like) - _varying_axes(x), key=str))
+  if not missing:
+    return x
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is not None:
+    return pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)  # JAX < 0.8
+
+
 def _axis_names(axis_name: AxisName) -> tuple:
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
@@ -209,15 +223,18 @@ def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
   floor = count * float(info.tiny) / float(info.eps)
   one = jnp.ones((), acc)
 
+  # Inside shard_map the branches' outputs must vary over the same mesh axes: the scales (a
+  # constant here, reduced from the trees there) vary over at most the axes `plain` varies over.
   def trusted(_):
-    return plain, one, one
+    return tuple(_varying_like(x, plain) for x in (plain, one, one))
 
   def rescaled(_):
     e_a = max_exponent(a, axis_name=axis_name)
     e_b = e_a if same else max_exponent(b, axis_name=axis_name)
     a_ = times_power_of_two(in_accumulation_dtype(a), -e_a)
     b_ = a_ if same else times_power_of_two(in_accumulation_dtype(b), -e_b)
-    return vdot(a_, b_, axis_name=axis_name), jnp.ldexp(one, e_a), jnp.ldexp(one, e_b)
+    out = vdot(a_, b_, axis_name=axis_name), jnp.ldexp(one, e_a), jnp.ldexp(one, e_b)
+    return tuple(_varying_like(x, plain) for x in out)
 
   in_range = jnp.isfinite(plain) & (jnp.abs(plain) >= floor)
   return control.cond(in_range, trusted, rescaled, None)
