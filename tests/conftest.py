@@ -4,8 +4,9 @@ XLA compiles fast here: the suite compiles thousands of small functions and runs
 times, so LLVM's optimization of the compiled code was about half of the suite's CPU time.
 Optimization level 0 and the older fusion emitter change no value a test checks (both forms are
 exact to the tolerances used) and halve the time. `SAM_OPTAX_TEST_OPTIMIZE=1` keeps XLA's
-defaults, e.g. to check that the fast compilation hides nothing. Subprocesses the tests start
-(notebook kernels) inherit the setting; the multi-device checks set their own flags.
+defaults, e.g. to check that the fast compilation hides nothing. Notebook kernels, the benchmark
+smoke run and the 8-device checks inherit the setting; the examples and README blocks run with
+XLA's defaults, as a user's do (their tests drop XLA_FLAGS).
 """
 
 import importlib.metadata
