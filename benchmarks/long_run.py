@@ -163,7 +163,12 @@ def main(argv=None) -> dict:
         say(json.dumps(sample))
     elapsed = time.perf_counter() - start
   finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+    # Public only after jax 0.7.1 (the declared floor); older versions have the private one.
+    unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+    if unregister is None:
+      from jax._src import monitoring
+      unregister = monitoring._unregister_event_duration_listener_by_callback
+    unregister(listener)
 
   live_counts = {s["live_arrays"] for s in samples}
   live_bytes = {s["live_bytes"] for s in samples}
