@@ -88,7 +88,7 @@ def test_dnsam_norm_estimate_converges_to_the_full_batch_norm():
     def step(state, key):
       idx = jax.random.randint(key, (batch_size,), 0, n)
       _, state = ascent.update(jax.grad(loss)(params, idx), state, params)
-      return state, state.rms_norm / jnp.sqrt(1 - decay ** state.count)
+      return state, jnp.sqrt(state.sq_norm_ema / (1 - decay ** state.count))
     return jax.lax.scan(step, ascent.init(params), jax.random.split(key, 2000))[1]
 
   small = estimates(10, jax.random.key(0))
@@ -116,7 +116,7 @@ def test_dnsam_zero_gradient_and_errors():
   ascent = sam_optax.deterministic_normalized_ascent(0.1)
   zeros = {"w": jnp.zeros(3, jnp.float32)}
   eps, state = ascent.update(zeros, ascent.init(zeros))
-  assert bool(jnp.all(eps["w"] == 0)) and state.rms_norm.dtype == jnp.float32
+  assert bool(jnp.all(eps["w"] == 0)) and state.sq_norm_ema.dtype == jnp.float32
   eps, _ = ascent.update(zeros, ascent.init(zeros), full_grad_norm=0.0)
   assert bool(jnp.all(eps["w"] == 0))
   with pytest.raises(ValueError, match="must be a scalar"):

@@ -126,9 +126,9 @@ def unnormalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationEx
 
 class NormEstimateState(NamedTuple):
   """State of the deterministic-normalization ascent (DNSAM)."""
-  count: jax.Array     # int32 scalar: ascents taken so far.
-  rms_norm: jax.Array  # float scalar (float32 or wider): sqrt(EMA of ||g||^2), not
-                       # bias-corrected; a root, so that it is finite for any finite gradient.
+  count: jax.Array        # int32 scalar: ascents taken so far.
+  sq_norm_ema: jax.Array  # float scalar (float32 or wider): EMA of ||g||^2, not bias-corrected
+                          # (each ||g||^2 capped at the dtype's largest value: always finite).
 
 
 def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
@@ -147,11 +147,11 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     v_t = \beta v_{t-1} + (1 - \beta) \|g_t\|^2, \qquad
     \widehat{\|\nabla L\|} = \sqrt{v_t / (1 - \beta^t)},
 
-  which includes the current gradient (the first step is exactly SAM's). The state keeps the
-  root `sqrt(v_t)`, updated without forming a square that overflows: one huge finite gradient
-  (a float32 spike of 1e20, whose squared norm is beyond float32's range) enters the average
-  like any other, and its weight decays by `beta` per step, instead of the average becoming
-  infinite and every later perturbation zero. Why the squared norm:
+  which includes the current gradient (the first step is exactly SAM's). A squared norm beyond
+  the dtype's range (a float32 gradient spike of 1e20: `||g||^2 = 1e40`) enters the average as
+  the largest finite value (3.4e38), so the average stays finite and the spike's weight decays
+  by `beta` per step, instead of the average becoming infinite and every later perturbation
+  zero (the estimate on such a step is then below the true one). Why the squared norm:
   `E ||g_B||^2 = ||grad L||^2 + tr(Sigma)/B` splits additively into the full-batch part and
   the gradient noise, so the estimate is the full-batch norm plus a known, batch-size-dependent
   excess (it converges to `||grad L||` when the noise is small against the gradient, or with
@@ -193,18 +193,25 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
 
   def init(params):
     return NormEstimateState(count=jnp.zeros([], jnp.int32),
-                             rms_norm=jnp.zeros([], tree.accumulation_dtype(params)))
+                             sq_norm_ema=jnp.zeros([], tree.accumulation_dtype(params)))
 
   def update(grads, state, params=None, *, full_grad_norm=None, param_axis_name=None, **extra):
     del params, extra
-    dtype = state.rms_norm.dtype
+    dtype = state.sq_norm_ema.dtype
     rho_t = value_at(rho, state.count)
     beta = value_at(decay, state.count).astype(dtype)
     count = numerics.safe_increment(state.count)
+    # Linear in ||g||^2 (m-sharpness averages the state over chunks), finite for any finite g:
+    # where ||g||^2 overflows and the (overflow-safe) norm is finite, the largest finite value.
+    # NaN and inf (a non-finite g) stay.
+    sq_norm = tree.vdot(grads, grads, axis_name=param_axis_name).astype(dtype)
     grad_norm = tree.norm(grads, axis_name=param_axis_name).astype(dtype)
-    rms_norm = _root_of_average_of_squares(beta, state.rms_norm, grad_norm).astype(dtype)
+    capped = jnp.where(jnp.isfinite(grad_norm), jnp.finfo(dtype).max, grad_norm)
+    sq_norm = jnp.where(jnp.isfinite(sq_norm), sq_norm, capped)
+    ema = (beta * state.sq_norm_ema + (1 - beta) * sq_norm).astype(dtype)
     if full_grad_norm is None:
-      norm = rms_norm / jnp.sqrt(1 - beta ** count.astype(dtype))
+      # The roots first: the bias-corrected average may exceed the largest value, its root not.
+      norm = jnp.sqrt(ema) / jnp.sqrt(1 - beta ** count.astype(dtype))
     else:
       if jnp.ndim(full_grad_norm) != 0:
         raise ValueError(f"full_grad_norm must be a scalar (the norm of the full-batch "
@@ -221,20 +228,9 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     # NaN-preserving where safe_inverse is not: a NaN norm (an invalid decay or full_grad_norm)
     # gives a NaN perturbation; a zero or infinite one still gives zero.
     factor = rho_t * jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))
-    return tree.scale(factor, grads), NormEstimateState(count=count, rms_norm=rms_norm)
+    return tree.scale(factor, grads), NormEstimateState(count=count, sq_norm_ema=ema)
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _root_of_average_of_squares(beta, previous, value):
-  """`sqrt(beta previous^2 + (1 - beta) value^2)` for `previous, value >= 0`, computed with both
-  divided by a power of two near the larger (exact), so that no square over- or underflows.
-  NaN or inf in either stays in the result."""
-  larger = jnp.maximum(previous, value)
-  ok = (larger > 0) & jnp.isfinite(larger)
-  exponent = jnp.where(ok, jnp.frexp(jnp.where(ok, larger, 1))[1], 0)
-  p, v = jnp.ldexp(previous, -exponent), jnp.ldexp(value, -exponent)
-  return jnp.ldexp(jnp.sqrt(beta * p * p + (1 - beta) * v * v), exponent)
 
 
 def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:

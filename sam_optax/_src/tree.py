@@ -237,7 +237,23 @@ def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
     return tuple(_varying_like(x, plain) for x in out)
 
   in_range = jnp.isfinite(plain) & (jnp.abs(plain) >= floor)
+  if _batched(in_range):
+    # Under jax.vmap (m-sharpness's vectorized chunks) lax.cond with a batched predicate runs
+    # both branches and selects anyway; selecting here does the same without lax.cond's
+    # batching rule, which fails on meshes with explicit axes (jax.set_mesh).
+    return tuple(jnp.where(in_range, t, r) for t, r in zip(trusted(None), rescaled(None)))
   return control.cond(in_range, trusted, rescaled, None)
+
+
+def _batched(x: Any) -> bool:
+  """Whether `x` is batched by an enclosing `jax.vmap` traced right here."""
+  try:
+    from jax._src.interpreters import batching  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return False
+  tracer = getattr(batching, "BatchTracer", None)
+  return (tracer is not None and isinstance(x, tracer)
+          and isinstance(getattr(x, "batch_dim", None), int))
 
 
 @control.eager_jit(static_argnames=("axis_name",))
