@@ -1,6 +1,6 @@
 """Train a small Flax NNX CNN with SGD and sharpness-aware variants, and compare them.
 
-The default run (about a minute on 2 CPU cores, compilation included) trains on the 8x8
+The default run (about 50 s on an idle 2-core CPU machine, compilation included) trains on the 8x8
 handwritten digits that ship with scikit-learn (1797 images, a fixed stratified split of 1347
 train / 450 test images), with SGD + momentum and the same optimizer wrapped by SAM, ASAM and a
 cheap variant (LookSAM: a perturbed pass every 5 steps). It prints a table with the test

@@ -12,6 +12,8 @@ XLA's defaults, as a user's do (their tests drop XLA_FLAGS).
 import importlib.metadata
 import os
 
+import pytest
+
 
 def _fast_compile_flags() -> str:
   """XLA flags that skip the backend's optimization, for the flags this jaxlib knows."""
@@ -46,7 +48,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first, so that the long ones (subprocesses of a minute or more) start at once and
-  the short ones fill in around them instead of running alone at the end."""
+  """Catalogue-wide cases of variants outside `catalogue.FAST_TIER` join the slow tier; then slow
+  tests go first, so that the long ones (subprocesses of a minute or more) start at once and the
+  short ones fill in around them instead of running alone at the end."""
   del config  # unused
+  from tests import catalogue  # pylint: disable=import-outside-toplevel
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    variants = [v for v in params.values() if isinstance(v, catalogue.Variant)]
+    if (variants and item.get_closest_marker("whole_catalogue") is None
+        and any(v.name not in catalogue.FAST_TIER for v in variants)):
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: else unchanged

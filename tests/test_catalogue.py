@@ -21,6 +21,7 @@ TOL = {jnp.float32: 1e-6, jnp.float64: 1e-12}
 REFERENCE_CASES = [("mlp", jnp.float32), ("mlp", jnp.float64), ("quadratic", jnp.float64)]
 
 
+@pytest.mark.whole_catalogue  # every variant's exactness, in the fast tier too
 @pytest.mark.parametrize("problem_name, dtype", REFERENCE_CASES,
                          ids=[f"{p}-{jnp.dtype(d).name}" for p, d in REFERENCE_CASES])
 @pytest.mark.parametrize("variant", CATALOGUE, ids=str)
