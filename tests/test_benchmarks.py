@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "overhead.py")
 
@@ -17,6 +19,7 @@ EXPECTED = ("floor", "handwritten", "handwritten_rerun", "optax_sam", "optax_sam
             "msharp_sequential", "usam2", "husam")
 
 
+@pytest.mark.slow  # a benchmark run; the full suite runs it
 def test_overhead_smoke(tmp_path):
   out = tmp_path / "overhead.json"
   # Every contender on the MLP: the CNN and the Transformer only add compile time here.

@@ -40,6 +40,7 @@ def test_public_function_docstring_has_every_section(name, function):
   assert not missing, f"{name}'s docstring lacks: {', '.join(missing)}"
 
 
+@pytest.mark.slow  # about 26 s (a subprocess of doctests); the full suite runs it
 def test_docstring_examples_run():
   """Doctests run in a fresh process: the suite's float64 default would change their output."""
   env = dict(os.environ)

@@ -256,6 +256,7 @@ def test_eager_jit_is_cached_eagerly_and_plain_under_trace():
   np.testing.assert_allclose(tree.scale(2.0 * jnp.ones(()), t)["b"], 2.0 * jnp.ones((2, 2)))
 
 
+@pytest.mark.slow  # a benchmark run; the full suite runs it
 def test_eager_benchmark_smoke(tmp_path):
   out = tmp_path / "eager.json"
   result = subprocess.run(

@@ -94,23 +94,27 @@ def test_train_rejects_unknown_variant(tmp_path):
 
 
 # checkpoint.py, linen_batchnorm.py and data_parallel.py run at (or, for data_parallel.py, near)
-# their defaults in the fast tier: compilation is most of their cost, so their defaults take
+# their defaults, in the slow tier (about 70 s together, a fifth of the fast tier's budget; the
+# fast tier keeps train.py's smoke run): compilation is most of their cost, so their defaults take
 # about the CPU time of their --smoke runs (user + system, measured on 2 cores: 19.0 s against
 # 19.2 s, 12.8 s against 11.4 s, and 16.9 s at 150 steps against 13.4 s), and a smoke run
 # alone would test less.
 
 
+@pytest.mark.slow  # about 30 s; the full suite runs it
 def test_checkpoint_resume_is_bit_for_bit():
   """At its defaults: 60 steps, checkpoint at step 30."""
   out = check(run_example("checkpoint.py"))
   assert "saved the train state at step 30" in out and "bit for bit" in out
 
 
+@pytest.mark.slow  # about 18 s; the full suite runs it
 def test_linen_batchnorm_at_its_defaults():
   out = check(run_example("linen_batchnorm.py"))
   assert f"{15 * (1347 // 32)} steps" in out
 
 
+@pytest.mark.slow  # about 21 s; the full suite runs it
 @pytest.mark.multidevice
 def test_data_parallel_runs_past_the_in_flight_limit():
   """8 virtual CPU devices, 150 steps per run: pmap and sharded jit agree for both ascents.
