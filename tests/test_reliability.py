@@ -393,6 +393,7 @@ def load_long_run():
   return module
 
 
+@pytest.mark.slow  # 10,000 steps, about 9 s each
 @pytest.mark.parametrize("two_call", [False, True], ids=["one_call", "two_call"])
 def test_long_run(two_call):
   """The full 10,000 steps: a small model makes it a few seconds."""
