@@ -31,6 +31,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_all(procs, timeout_s):
+  """Waits for every process; once one fails (the others would wait for it in a collective)
+  or the deadline passes, kills those still running."""
+  deadline = time.monotonic() + timeout_s
+  while any(proc.poll() is None for proc in procs):
+    if any(proc.poll() not in (None, 0) for proc in procs) or time.monotonic() > deadline:
+      break
+    time.sleep(0.2)
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+
+
 def run_workers(out_dir, num_processes=2):
   """Starts the workers and waits for all of them; returns [(exit code, log)].
 
@@ -51,17 +65,8 @@ def run_workers(out_dir, num_processes=2):
             [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), str(i),
              str(num_processes), str(port), str(out_dir)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    while any(proc.poll() is None for proc in procs):
-      failed = any(proc.poll() not in (None, 0) for proc in procs)
-      if failed or time.monotonic() > deadline:
-        break
-      time.sleep(0.2)
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-      proc.wait()
+    wait_all(procs, TIMEOUT_S)
   logs = []
   for log_path in log_paths:
     with open(log_path) as log:

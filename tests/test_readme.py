@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from typing import NamedTuple
 
 import pytest
+
+from tests.test_multihost import free_port, wait_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -132,12 +132,6 @@ def test_block_runs(block, tmp_path):
                                         result.stdout + result.stderr)
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multidevice
 @pytest.mark.slow  # two JAX processes meeting over gloo
 def test_multihost_block_runs_on_two_processes(tmp_path):
@@ -161,16 +155,8 @@ def test_multihost_block_runs_on_two_processes(tmp_path):
       with open(log_path, "w") as log:
         procs.append(subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    while any(proc.poll() is None for proc in procs):
-      if any(proc.poll() not in (None, 0) for proc in procs) or time.monotonic() > deadline:
-        break
-      time.sleep(0.2)
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-      proc.wait()
+    wait_all(procs, TIMEOUT_S)
   outputs = [log_path.read_text() for log_path in logs]
   losses = []
   for rank, (proc, output) in enumerate(zip(procs, outputs)):
