@@ -15,7 +15,8 @@ from jax.flatten_util import ravel_pytree
 def flat_problem(problem):
   """(w0, grad(w), unravel) with grad on the flat vector."""
   w0, unravel = ravel_pytree(problem.params)
-  grad = lambda w: ravel_pytree(jax.grad(problem.loss)(unravel(w), problem.batch))[0]
+  # Jitted: one trace per problem instead of one per call (the rules around it stay eager).
+  grad = jax.jit(lambda w: ravel_pytree(jax.grad(problem.loss)(unravel(w), problem.batch))[0])
   return w0, grad, unravel
 
 

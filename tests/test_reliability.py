@@ -316,11 +316,14 @@ def directions(tx, params, offsets, scales, rounded_to=None):
   def run_all(params, offsets, scales):
     def one(scale):
       grad_fn = lp_grad_fn(scale, offsets, rounded_to)
-      state, out = tx.init(params), []
-      for _ in range(2):
+
+      def step(state, _):
         d, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-        out.append(d)
-      return out
+        return state, d
+
+      # lax.scan traces the step once for both steps: half the program a loop compiles.
+      steps = jax.lax.scan(step, tx.init(params), length=2)[1]
+      return [jax.tree.map(lambda l, t=t: l[t], steps) for t in range(2)]
     return jax.vmap(one)(scales)
   return run_all(params, offsets, jnp.asarray(scales, jnp.float32))
 

@@ -81,6 +81,16 @@ def two_call_step(tx, grad=f32_grad, perturbed=1.0):
   return step
 
 
+def scan_steps(step, params, state, xs, record=lambda params, state: params):
+  """Takes `step` over the batches `xs` under lax.scan, which traces one step however many
+  there are (a Python loop traces each), and returns `record(params, state)` stacked over the
+  steps. Also exercises the lax.scan composition users write."""
+  def body(carry, x):
+    carry = step(*carry, x)
+    return carry, record(*carry)
+  return jax.lax.scan(body, (params, state), xs)[1]
+
+
 def is_finite(tree_):
   return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree_))
 
@@ -107,16 +117,10 @@ def test_two_call_skip_counts_pairs_like_the_one_call_form(variant):
         variant.make(optax.adam(1e-2), **variant.hparams, two_call=two_call), max_errors)
     step = make_step(tx, perturbed=jnp.nan)
 
-    @jax.jit
-    def run(params, state):
-      counts = []
-      for x in X:
-        params, state = step(params, state, x)
-        counts.append((state.notfinite_count, state.total_notfinite, state.last_finite,
-                       jnp.all(jnp.isfinite(params["w"]))))
-      return counts
-
-    forms[two_call] = [tuple(int(c) for c in counts) for counts in run(W0, tx.init(W0))]
+    record = lambda params, state: (state.notfinite_count, state.total_notfinite,
+                                    state.last_finite, jnp.all(jnp.isfinite(params["w"])))
+    counts = jax.jit(lambda p, s: scan_steps(step, p, s, X, record))(W0, tx.init(W0))
+    forms[two_call] = [tuple(int(c[i]) for c in counts) for i in range(len(X))]
   assert forms[True] == forms[False]
   consecutive, total, last_finite, params_finite = forms[True][max_errors]
   if last_finite:  # a reuse step at this count (LookSAM): skipping is not giving up
@@ -225,13 +229,9 @@ def test_inject_hyperparams_two_call_matches_plain(variant):
 
   @jax.jit
   def run(states):
-    finals = []
-    for step, state in zip(steps, states):
-      params = w0
-      for x in X[:3]:
-        params, state = step(params, state, x.astype(jnp.float64))
-      finals.append(params)
-    return finals
+    xs = X[:3].astype(jnp.float64)
+    return [jax.tree.map(lambda l: l[-1], scan_steps(step, w0, state, xs))
+            for step, state in zip(steps, states)]
 
   plain, injected, skipped = run([tx.init(w0) for tx in txs])
   assert_close(injected, plain, 1e-12)
@@ -321,7 +321,9 @@ def test_low_precision_params_with_float32_gradients(variant, two_call):
       else:
         step = make_step(tx, grad)
       state, path = tx.init(params), []
-      for x in X[:3]:
+      # Two steps: the first promotes adam's first moment to float32 (optax follows the
+      # gradients' dtype), the second runs every conditional on the promoted state.
+      for x in X[:2]:
         params, state = step(params, state, x)
         path.append(params)
       paths.append(path)
