@@ -50,8 +50,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   """Catalogue-wide cases of variants outside `catalogue.FAST_TIER` join the slow tier; then slow
   tests go first, so that the long ones (subprocesses of a minute or more) start at once and the
-  short ones fill in around them instead of running alone at the end."""
-  del config  # unused
+  short ones fill in around them instead of running alone at the end. A run with the slow tier
+  leaves out the fast tier's stand-ins for slow tests."""
   from tests import catalogue  # pylint: disable=import-outside-toplevel
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
@@ -60,3 +60,10 @@ def pytest_collection_modifyitems(config, items):
         and any(v.name not in catalogue.FAST_TIER for v in variants)):
       item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: else unchanged
+  # A run that keeps the slow tier (no "not slow" in -m) runs the slow tests that the
+  # `fast_tier_stand_in` tests stand in for, so it leaves the stand-ins out.
+  if "not slow" not in (config.getoption("markexpr", "") or ""):
+    stand_ins = [item for item in items if item.get_closest_marker("fast_tier_stand_in")]
+    if stand_ins:
+      items[:] = [item for item in items if item not in stand_ins]
+      config.hook.pytest_deselected(items=stand_ins)

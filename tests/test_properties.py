@@ -28,7 +28,7 @@ import sam_optax
 from sam_optax._src import tree as tree_lib
 from tests.catalogue import CATALOGUE
 
-SETTINGS = settings(max_examples=5, deadline=None, database=None, derandomize=True,
+SETTINGS = settings(max_examples=3, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 SHAPES = [(), (3,), (2, 3), (0,), (2, 0)]
