@@ -21,7 +21,7 @@ import collections.abc
 import functools
 import inspect
 import sys
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from sam_optax._src import chunking
 from sam_optax._src import control
 from sam_optax._src import tree
 from sam_optax._src.hyperparams import check_positive_int
+from sam_optax._src.transformation import PendingDescent
+from sam_optax._src.transformation import SharpnessAwareState
+from sam_optax._src.transformation import SharpnessAwareTransformation
 
 # Keywords the engine consumes; every other keyword of `update` is forwarded to the ascent, the
 # correction and the inner optimizer.
@@ -41,54 +44,6 @@ AxisName = Any  # a mapped axis name, or a tuple of them
 Cadence = Callable[[jax.Array], jax.Array]
 Window = tuple  # (start, end): the perturbed pass runs on steps start <= t < end (end may be None)
 Mask = Any  # a tree of bools (a prefix of params), or a function params -> such a tree
-
-
-class PendingDescent(NamedTuple):
-  """What an ascent call leaves for the next descent call (two-call form only)."""
-  descending: jax.Array  # bool scalar: True when the next call is a descent call.
-  clean_grads: Any       # g, the gradient the ascent call received; None when nothing reads it.
-  clean_params: Any      # w, the params before the perturbation was applied.
-
-
-class SharpnessAwareState(NamedTuple):
-  """State of a sharpness-aware transformation."""
-  count: jax.Array         # int32 scalar: descent steps taken; the cadence's argument.
-  ascent_state: Any        # state of the ascent transformation.
-  correction_state: Any    # state of the descent correction (EmptyState when there is none).
-  inner_state: Any         # state of the wrapped optimizer; advances on descent steps only.
-  pending: PendingDescent | None  # two-call form only; None in the one-call form.
-
-
-class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
-  """An `optax.GradientTransformationExtraArgs` that can also return the perturbed pass's aux.
-
-  `init` and `update` are the usual optax pair. `update_with_aux(grads, state, params,
-  grad_fn=...)` runs the same step and returns `(updates, state, aux)`, where `aux` is what a
-  `grad_fn` built with `has_aux=True` returned at the perturbed params (zeros of the same
-  structure on steps without a perturbed pass); it raises a ValueError for a transformation
-  built without `has_aux=True` or with `two_call=True`. `has_aux` records whether `grad_fn`
-  must return `(grads, aux)`, so that wrappers (e.g. `sam_optax.flax`) can build a matching
-  one; `two_call` whether it is the two-call form.
-  """
-
-  def __new__(cls, init, update, update_with_aux=None, has_aux=False, two_call=False):
-    self = super().__new__(cls, init, update)
-    # Instances of optax's NamedTuple subclasses carry a __dict__; the third entry point lives
-    # there so that optax, which reads the two fields, sees an ordinary transformation.
-    self.update_with_aux = update_with_aux
-    self.has_aux = has_aux
-    self.two_call = two_call
-    return self
-
-
-# As a plain NamedTuple, a pytree round trip (`jax.tree.map`, or an `nnx.Optimizer` under
-# `nnx.jit` before flax 0.12.7) rebuilds it from its two fields and loses the extra entry
-# points above; registered, they travel as the node's static data.
-jax.tree_util.register_pytree_with_keys(
-    SharpnessAwareTransformation,
-    lambda t: (((jax.tree_util.GetAttrKey("init"), t.init),
-                (jax.tree_util.GetAttrKey("update"), t.update)), tuple(sorted(vars(t).items()))),
-    lambda extras, fields: SharpnessAwareTransformation(*fields, **dict(extras)))
 
 
 def sharpness_aware(
@@ -222,8 +177,10 @@ def sharpness_aware(
       decoupled weight decay: the correction leaves a term in its state that bypasses the
       inner optimizer (WSAM's decoupled sharpness step `-lr gamma/(1-gamma) (g_adv - g)`).
 
-  The ascent also receives the keyword `count` (the engine's step count, the argument of
-  schedules tied to the training step, e.g. GSAM's rho); the correction receives
+  The ascent also receives the keywords `count` (the engine's step count, the argument of
+  schedules tied to the training step, e.g. GSAM's rho) and `inner_state` (the inner
+  optimizer's state before this step's update, e.g. for a perturbation preconditioned by
+  Adam's second moment); the correction receives
   `ascent_state`, the ascent's state after this step's ascent (bSAM's descent reads the
   posterior precision kept there).
 
@@ -457,7 +414,8 @@ def sharpness_aware(
           clean_grads, _ = evaluate(params)
         ascent_grad_fn = lambda p: ascent_input(evaluate.grads_only(p))
         eps, ascent_state = perturb(ascent_input(clean_grads), state.ascent_state, params,
-                                    dict(extra, grad_fn=ascent_grad_fn, count=state.count))
+                                    dict(extra, grad_fn=ascent_grad_fn, count=state.count,
+                                         inner_state=state.inner_state))
         if linearize:
           grads_adv, aux, grads_at_params = evaluate.linearized(params, clean_grads, eps)
           # What grad_fn returned is not in g + H eps (a constant NaN has no derivative): carry
@@ -585,7 +543,7 @@ def sharpness_aware(
     def ascent_call(_):
       def with_perturbation(_):
         eps, ascent_state = perturb(ascent_input(grads), state.ascent_state, params,
-                                    dict(extra, count=state.count))
+                                    dict(extra, count=state.count, inner_state=state.inner_state))
         if ascent_reads_grads:
           # A NaN eps reaches the descent call's updates, w - (w + eps) + Opt(d), whatever the
           # gradient at w + eps: the pair's updates carry a non-finite g.
@@ -761,7 +719,8 @@ def _refuse_one_call_keywords(extra):
 
 # Keywords the engine itself passes to the ascent and the correction: a caller's keyword of the
 # same name would collide with them (or be silently replaced).
-_RESERVED_KEYWORDS = ("count", "clean_grads", "perturbed", "param_axis_name", "ascent_state")
+_RESERVED_KEYWORDS = ("count", "clean_grads", "perturbed", "param_axis_name", "ascent_state",
+                      "inner_state")
 
 
 def _refuse_reserved_keywords(extra):

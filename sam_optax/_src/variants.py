@@ -91,24 +91,35 @@ def variant(build: Callable[..., Pieces] | None = None, **option_defaults):
     arguments = dict(bound.arguments)
     inner = arguments.pop("inner")
     options = {name: arguments.pop(name) for name in _SHARED_NAMES}
-    pieces = build(**arguments)
-    if pieces.needs_grad_fn and options["two_call"]:
-      raise ValueError(
-          f"{build.__name__} evaluates gradients (or Hessian-vector products) of grad_fn beyond "
-          f"the perturbed pass, so it needs the one-call form: drop two_call=True and call "
-          f"tx.update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch)).")
-    correction = pieces.correction
-    if options.pop("renormalize"):
-      fix = corrections.renormalize(pieces.metric)
-      correction = fix if correction is None else optax.chain(correction, fix)
-    return engine.sharpness_aware(
-        inner, pieces.ascent, correction=correction, cadence=pieces.cadence,
-        linearize=pieces.linearize, ascent_reads_grads=pieces.ascent_reads_grads,
-        exact_at_zero=_radius_may_vanish(arguments), decoupled=pieces.decoupled, **options)
+    return build_variant(inner, build(**arguments), arguments, options, name=build.__name__)
 
   constructor.__signature__ = signature
   constructor.__doc__ = _with_shared_docs(build.__doc__ or "")
   return constructor
+
+
+def build_variant(inner: optax.GradientTransformation, pieces: Pieces, hparams: dict,
+                  options: dict, *, name: str) -> engine.SharpnessAwareTransformation:
+  """The engine over a variant's `pieces`, with the options every variant shares.
+
+  `hparams` are the variant's own hyperparameters (their radii decide `exact_at_zero`),
+  `options` the shared ones (`renormalize`, `window`, `mask`, ...), `name` the variant's name
+  for error messages. The one place where a named variant meets the engine.
+  """
+  options = dict(options)
+  if pieces.needs_grad_fn and options["two_call"]:
+    raise ValueError(
+        f"{name} evaluates gradients (or Hessian-vector products) of grad_fn beyond "
+        f"the perturbed pass, so it needs the one-call form: drop two_call=True and call "
+        f"tx.update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch)).")
+  correction = pieces.correction
+  if options.pop("renormalize"):
+    fix = corrections.renormalize(pieces.metric)
+    correction = fix if correction is None else optax.chain(correction, fix)
+  return engine.sharpness_aware(
+      inner, pieces.ascent, correction=correction, cadence=pieces.cadence,
+      linearize=pieces.linearize, ascent_reads_grads=pieces.ascent_reads_grads,
+      exact_at_zero=_radius_may_vanish(hparams), decoupled=pieces.decoupled, **options)
 
 
 def _radius_may_vanish(hparams: dict) -> bool:

@@ -1,0 +1,56 @@
+"""The transformation type every variant returns, and the engine's state."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+
+class PendingDescent(NamedTuple):
+  """What an ascent call leaves for the next descent call (two-call form only)."""
+  descending: jax.Array  # bool scalar: True when the next call is a descent call.
+  clean_grads: Any       # g, the gradient the ascent call received; None when nothing reads it.
+  clean_params: Any      # w, the params before the perturbation was applied.
+
+
+class SharpnessAwareState(NamedTuple):
+  """State of a sharpness-aware transformation."""
+  count: jax.Array         # int32 scalar: descent steps taken; the cadence's argument.
+  ascent_state: Any        # state of the ascent transformation.
+  correction_state: Any    # state of the descent correction (EmptyState when there is none).
+  inner_state: Any         # state of the wrapped optimizer; advances on descent steps only.
+  pending: PendingDescent | None  # two-call form only; None in the one-call form.
+
+
+class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
+  """An `optax.GradientTransformationExtraArgs` that can also return the perturbed pass's aux.
+
+  `init` and `update` are the usual optax pair. `update_with_aux(grads, state, params,
+  grad_fn=...)` runs the same step and returns `(updates, state, aux)`, where `aux` is what a
+  `grad_fn` built with `has_aux=True` returned at the perturbed params (zeros of the same
+  structure on steps without a perturbed pass); it raises a ValueError for a transformation
+  built without `has_aux=True` or with `two_call=True`. `has_aux` records whether `grad_fn`
+  must return `(grads, aux)`, so that wrappers (e.g. `sam_optax.flax`) can build a matching
+  one; `two_call` whether it is the two-call form.
+  """
+
+  def __new__(cls, init, update, update_with_aux=None, has_aux=False, two_call=False):
+    self = super().__new__(cls, init, update)
+    # Instances of optax's NamedTuple subclasses carry a __dict__; the third entry point lives
+    # there so that optax, which reads the two fields, sees an ordinary transformation.
+    self.update_with_aux = update_with_aux
+    self.has_aux = has_aux
+    self.two_call = two_call
+    return self
+
+
+# As a plain NamedTuple, a pytree round trip (`jax.tree.map`, or an `nnx.Optimizer` under
+# `nnx.jit` before flax 0.12.7) rebuilds it from its two fields and loses the extra entry
+# points above; registered, they travel as the node's static data.
+jax.tree_util.register_pytree_with_keys(
+    SharpnessAwareTransformation,
+    lambda t: (((jax.tree_util.GetAttrKey("init"), t.init),
+                (jax.tree_util.GetAttrKey("update"), t.update)), tuple(sorted(vars(t).items()))),
+    lambda extras, fields: SharpnessAwareTransformation(*fields, **dict(extras)))
