@@ -8,34 +8,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sam_optax._src import tree as tree_lib
 from sam_optax.diagnostics import _utils
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
 
 __all__ = ["hvp", "make_hvp_fn"]
-
-
-def _to_varying(tree: PyTree, axis_name: Any) -> PyTree:
-  """Casts device-invariant leaves to device-varying over ``axis_name`` (no-op otherwise).
-
-  Needed under ``shard_map`` (varying-manual-axes typing); a no-op under ``pmap`` or
-  on JAX versions without ``lax.pcast`` / ``lax.pvary``.
-  """
-  pcast = getattr(lax, "pcast", None)
-  pvary = getattr(lax, "pvary", None)
-
-  def one(x):
-    try:
-      if pcast is not None:
-        return pcast(x, axis_name, to="varying")
-      if pvary is not None:
-        return pvary(x, axis_name)
-    except (ValueError, TypeError, NotImplementedError, NameError):
-      pass  # already varying, or not inside a manual-axes context
-    return x
-
-  return jax.tree.map(one, tree)
 
 
 def make_hvp_fn(
@@ -116,7 +95,7 @@ def make_hvp_fn(
       # Inside shard_map, JAX sums cotangents of device-invariant (replicated)
       # inputs across the axis automatically; mark params/v as device-varying so
       # each device computes its *local* HVP and the pmean below averages them.
-      p, v = _to_varying(p, axis_name), _to_varying(v, axis_name)
+      p, v = tree_lib.vary(p, axis_name), tree_lib.vary(v, axis_name)
     return jax.jvp(lambda q: grad_fn(q, *batch_args), (p,), (v,))[1]
 
   def matvec(v: PyTree) -> PyTree:

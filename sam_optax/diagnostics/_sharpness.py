@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sam_optax._src import tree as tree_lib
 from sam_optax.diagnostics import _utils
 
 PyTree = Any
@@ -76,7 +77,7 @@ def _ascent_jit(*, loss_fn, params, args, rho, step_size, eta, key, num_steps, a
 
 def _ascent(loss_fn, params, args, rho, num_steps, step_size, adaptive, eta, key):
   """Projected normalized-gradient ascent in the (T-scaled) ball; see docstring."""
-  acc = _utils.compute_dtype(params)
+  acc = tree_lib.accumulation_dtype(params)
   rho = jnp.asarray(rho, acc)
   step = rho if step_size is None else jnp.asarray(step_size, acc)
   tiny = _utils.tiny(acc)
@@ -94,12 +95,12 @@ def _ascent(loss_fn, params, args, rho, num_steps, step_size, adaptive, eta, key
     return jax.tree.map(lambda u, v: (a * u.astype(acc) + v.astype(acc)).astype(v.dtype), x, y)
 
   def normalized(tree):
-    nrm = _utils.tree_norm(tree)
+    nrm = tree_lib.norm(tree)
     inv = jnp.where(nrm > tiny, 1.0 / jnp.maximum(nrm, tiny), 0.0)
     return jax.tree.map(lambda x: (x.astype(acc) * inv).astype(x.dtype), tree), nrm
 
   def project(delta):
-    nrm = _utils.tree_norm(delta)
+    nrm = tree_lib.norm(delta)
     factor = jnp.where(nrm > rho, rho / jnp.maximum(nrm, tiny), 1.0)
     return jax.tree.map(lambda x: (x.astype(acc) * factor).astype(x.dtype), delta)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sam_optax._src import tree as tree_lib
 from sam_optax.diagnostics import _hvp, _utils
 
 PyTree = Any
@@ -101,7 +102,7 @@ def _trace_impl(*, loss_fn, params, args, key, num_probes, chunk_size, axis_name
 
   def one(k):
     z = _utils.tree_rademacher(k, params)
-    return _utils.tree_vdot(z, matvec(z))
+    return tree_lib.vdot(z, matvec(z))
 
   samples = lax.map(one, jax.random.split(key, num_probes))
   trace = jnp.mean(samples)

@@ -1,4 +1,8 @@
-"""Private helpers shared by the diagnostics modules (validation, pytree maths)."""
+"""Private helpers shared by the diagnostics modules (validation, flat-vector maths).
+
+Global norms and inner products of pytrees are the optimizer's own (`sam_optax._src.tree`):
+accumulated in float32 or wider, finite at any scale.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,13 @@ import numbers
 from typing import Any, Callable, Optional
 
 import jax
+import jax.core  # jax.core.Tracer, named so that type checkers see the submodule
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
+
+from sam_optax._src import tree as tree_lib
 
 PyTree = Any
 
@@ -99,20 +106,15 @@ def check_params(params: PyTree) -> int:
 # --------------------------------------------------------------------------- dtypes / flat
 
 
-def compute_dtype(tree: PyTree) -> jnp.dtype:
-  """Dtype used for the Krylov/probe arithmetic: float32 or wider."""
-  dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
-  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
-
-
 def flat_ops(params_like: PyTree):
   """Returns ``(n, dtype, ravel, unravel)`` for working on flat vectors.
 
   ``ravel`` maps a params-shaped pytree to a flat vector in the compute dtype
-  (float32 or wider); ``unravel`` maps it back, casting each leaf to its own dtype.
+  (float32 or wider: `tree.accumulation_dtype`); ``unravel`` maps it back, casting each leaf
+  to its own dtype.
   """
   flat, unravel_raw = ravel_pytree(params_like)
-  dtype = compute_dtype(params_like)
+  dtype = tree_lib.accumulation_dtype(params_like)
 
   def ravel(tree):
     return ravel_pytree(tree)[0].astype(dtype)
@@ -143,27 +145,13 @@ def safe_norm(x):
 # --------------------------------------------------------------------------- pytree maths
 
 
-def tree_vdot(x: PyTree, y: PyTree) -> jnp.ndarray:
-  """Sum over leaves of <x_leaf, y_leaf>, accumulated in float32 or wider."""
-  acc = compute_dtype(x)
-  parts = [
-      jnp.sum(a.astype(acc) * b.astype(acc))
-      for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
-  ]
-  return sum(parts, jnp.zeros((), acc))
-
-
-def tree_norm(x: PyTree) -> jnp.ndarray:
-  """Global L2 norm over all leaves, accumulated in float32 or wider."""
-  return jnp.sqrt(jnp.maximum(tree_vdot(x, x), 0.0))
-
-
 def tree_rademacher(key, like: PyTree) -> PyTree:
   """I.i.d. Rademacher (+-1) entries for every leaf of ``like``.
 
   One flat draw of ``n`` signs is split into the leaves (each cast to its own
   dtype). This is the same distribution as independent per-leaf draws but
-  compiles a single RNG call however many leaves the model has.
+  compiles a single RNG call however many leaves the model has: it does more than
+  ``optax.tree.random_like``, which splits the key and draws once per leaf.
   """
   flat, unravel = ravel_pytree(like)
   signs = jax.random.rademacher(key, flat.shape, dtype=jnp.int8)
@@ -171,9 +159,10 @@ def tree_rademacher(key, like: PyTree) -> PyTree:
 
 
 def tree_normal(key, like: PyTree) -> PyTree:
-  """I.i.d. standard normal entries for every leaf of ``like`` (one flat draw)."""
+  """I.i.d. standard normal entries for every leaf of ``like`` (one flat draw, drawn in
+  float32 or wider and cast to each leaf's dtype; see `tree_rademacher`)."""
   flat, unravel = ravel_pytree(like)
-  z = jax.random.normal(key, flat.shape, dtype=compute_dtype(like))
+  z = jax.random.normal(key, flat.shape, dtype=tree_lib.accumulation_dtype(like))
   return unravel(z.astype(flat.dtype))
 
 

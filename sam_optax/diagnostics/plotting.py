@@ -26,16 +26,16 @@ def _pyplot():
   return plt
 
 
-def _as_curve(spectrum: Any):
-  """Returns ``(grid, density, point_eigs)`` from a SpectralDensity or eigenvalues."""
+def _as_curve(spectrum: Any) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+  """Returns ``((grid, density), [])`` for a SpectralDensity, else ``(None, point_eigs)``."""
   if hasattr(spectrum, "grid") and hasattr(spectrum, "density"):
     grid = np.asarray(spectrum.grid, dtype=float)
     dens = np.asarray(spectrum.density, dtype=float)
-    return grid, dens, None
+    return (grid, dens), np.zeros(0)
   eigs = np.sort(np.asarray(spectrum, dtype=float).reshape(-1))
   if eigs.size == 0:
     raise ValueError("Got an empty array of eigenvalues to plot.")
-  return None, None, eigs
+  return None, eigs
 
 
 def plot_spectrum(
@@ -94,8 +94,9 @@ def plot_spectrum(
     fig, ax = plt.subplots(figsize=(6, 4))
   else:
     fig = ax.figure
-  grid, dens, eigs = _as_curve(spectrum)
-  if grid is not None:
+  curve, eigs = _as_curve(spectrum)
+  if curve is not None:
+    grid, dens = curve
     y = np.maximum(dens, floor) if log_scale else dens
     ax.plot(grid, y, label=label)
     if log_scale:
@@ -183,8 +184,9 @@ def plot_spectra(
   fig, (ax, ax_bar) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
   tops = []
   for name, spec in zip(names, items):
-    grid, dens, eigs = _as_curve(spec)
-    if grid is not None:
+    curve, eigs = _as_curve(spec)
+    if curve is not None:
+      grid, dens = curve
       y = np.maximum(dens, floor) if log_scale else dens
       ax.plot(grid, y, label=name)
       nodes = np.asarray(spec.nodes, dtype=float)
