@@ -8,11 +8,25 @@ import jax
 import optax
 
 
+class Decision(NamedTuple):
+  """Which kind of step this is, from the window and the cadence (bool scalars)."""
+  inside: jax.Array     # inside the window: False makes the step the inner optimizer's on g.
+  perturbed: jax.Array  # takes the perturbed pass: inside the window and the cadence says so.
+
+
+class CadenceState(NamedTuple):
+  """The states of the two pieces that decide which steps take the perturbed pass."""
+  window: Any   # the window piece's state; None without a window (EmptyState for (start, end)).
+  cadence: Any  # the cadence piece's state; None without a cadence (EmptyState for every(k)).
+
+
 class PendingDescent(NamedTuple):
   """What an ascent call leaves for the next descent call (two-call form only)."""
   descending: jax.Array  # bool scalar: True when the next call is a descent call.
   clean_grads: Any       # g, the gradient the ascent call received; None when nothing reads it.
   clean_params: Any      # w, the params before the perturbation was applied.
+  decision: Decision | None = None  # the ascent call's decision, which the descent call
+  # follows; None when every step is perturbed (no window, no cadence).
 
 
 class SharpnessAwareState(NamedTuple):
@@ -21,6 +35,7 @@ class SharpnessAwareState(NamedTuple):
   ascent_state: Any        # state of the ascent transformation.
   correction_state: Any    # state of the descent correction (EmptyState when there is none).
   inner_state: Any         # state of the wrapped optimizer; advances on descent steps only.
+  cadence_state: CadenceState  # states of the window and the cadence; advance once per step.
   pending: PendingDescent | None  # two-call form only; None in the one-call form.
 
 
