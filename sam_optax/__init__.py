@@ -51,6 +51,7 @@ from sam_optax._src.ascents import lr_proportional_rho
 from sam_optax._src.ascents import momentum_ascent
 from sam_optax._src.ascents import multistep_ascent
 from sam_optax._src.ascents import normalized_ascent
+from sam_optax._src.ascents import Radius
 from sam_optax._src.ascents import NormEstimateState
 from sam_optax._src.ascents import random_smoothing_ascent
 from sam_optax._src.ascents import step_count_ascent
@@ -58,6 +59,9 @@ from sam_optax._src.ascents import stochastic_weight_ascent
 from sam_optax._src.ascents import unified_ascent
 from sam_optax._src.ascents import unnormalized_ascent
 from sam_optax._src.ascents import variance_suppressed_ascent
+
+# Reading the inner optimizer's state (e.g. Adam's second moment) from an ascent.
+from sam_optax._src.inner_state import find_moment
 
 # Descent corrections: optax transformations mapping the perturbed gradient to the direction.
 from sam_optax._src.corrections import bayesian_descent

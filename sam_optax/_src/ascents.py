@@ -9,16 +9,32 @@ descent gradient there. Users can chain their own pre-processing in front of an 
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from optax._src import numerics
 
 from sam_optax._src import tree
 from sam_optax._src.hyperparams import ScalarOrSchedule, check_hparam, value_at
 from sam_optax._src.hyperparams import check_positive_int, check_run_time_value, is_constant
+
+
+# A radius: one number or schedule, or a pytree prefix of the params holding one per leaf or
+# subtree (e.g. `{'encoder': 0.05, 'head': 0.0}`).
+Radius = Union[ScalarOrSchedule, Mapping[Any, Any], Sequence[Any]]
+
+
+def _increment(count: jax.Array) -> jax.Array:
+  """`count + 1`, saturating at the int32 maximum (`optax.safe_increment`, typed as an array)."""
+  return cast(jax.Array, optax.safe_increment(count))
+
+
+def _ascent(init, update) -> optax.GradientTransformationExtraArgs:
+  """The ascent `(init, update)`. `update`'s first parameter is named `grads` (the clean
+  gradient) where optax's protocol says `updates`: the same positional argument."""
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 class AscentCountState(NamedTuple):
@@ -26,21 +42,46 @@ class AscentCountState(NamedTuple):
   count: jax.Array  # int32 scalar: ascents taken so far, the schedules' argument.
 
 
-def unified_ascent(rho: ScalarOrSchedule, lam: ScalarOrSchedule = 1.0
+def unified_ascent(rho: Radius, lam: ScalarOrSchedule = 1.0, *, layerwise: bool = False
                    ) -> optax.GradientTransformationExtraArgs:
   r"""Unified SAM's ascent, which covers the normalized and the unnormalized one.
 
   .. math::
-    \epsilon = \rho_t \left(1 - \lambda_t + \frac{\lambda_t}{\|g\|}\right) g
+    \epsilon_l = \rho_{l,t}\, s_l \left(1 - \lambda_t + \frac{\lambda_t}{\|g\|}\right) g_l,
+    \qquad s_l = \|w_l\| \text{ (layerwise) or } 1
 
-  with `||g||` the global L2 norm, accumulated in float32 or wider and finite for any finite `g`
-  (float32 entries of 1e30 or 1e-25 included: no overflow of `||g||^2`); `1/||g||` is taken as
-  0 when `g = 0`, so a zero gradient gives a zero perturbation. `lam = 1` is SAM's
-  `rho g / ||g||` and `lam = 0` is USAM's `rho g`, both exactly.
+  for every leaf `l`, with `||g||` the global L2 norm over all leaves, accumulated in float32
+  or wider and finite for any finite `g` (float32 entries of 1e30 or 1e-25 included: no
+  overflow of `||g||^2`); `1/||g||` is taken as 0 when `g = 0`, so a zero gradient gives a zero
+  perturbation. `lam = 1` is SAM's `rho g / ||g||` and `lam = 0` is USAM's `rho g`, both
+  exactly.
+
+  Per-leaf radii: `rho` may be a pytree prefix of the params holding one radius (a float or a
+  schedule) per leaf or per subtree, e.g. `{'encoder': 0.05, 'head': 0.0}`; `rho_l` is the
+  radius of the subtree holding leaf `l`. The norm stays global, so the direction within each
+  leaf is SAM's and only the lengths change: `||eps|| = sqrt(sum_l rho_l^2 ||g_l||^2) / ||g||`
+  (for `lam = 1`). A zero radius leaves its leaves unperturbed, while they still count in
+  `||g||` (to leave them out of the norm as well, use the engine's `mask=`).
+
+  Layer-wise scaling (`layerwise=True`): each leaf's radius is multiplied by that leaf's weight
+  norm `||w_l||` (LAMB's trust ratio applied to the ascent; the leaf-level analogue of
+  big_vision GSAM's elementwise `rho |w| g / ||g||`), so that `rho` is a radius relative to
+  each leaf's scale: for `lam = 1`, `||eps_l|| / ||w_l|| = rho_l ||g_l|| / ||g||`, whose squares
+  sum to `rho^2` for a scalar `rho`. The norm stays global (rather than each leaf normalized by
+  its own `||g_l||`, which would perturb every leaf by the same relative amount however small
+  its gradient): within each leaf the direction is SAM's, and with equal `||w_l|| = c` the
+  ascent is SAM's with radius `rho c`. Leaves with zero weights (biases at initialization) are
+  not perturbed; `||w_l||` is accumulated in float32 or wider. Radii are then relative sizes
+  (of order 0.01 to 0.1 of each leaf's norm), not SAM's absolute 0.05.
 
   Args:
-    rho: the perturbation radius, >= 0; a float or a schedule of the ascent count.
+    rho: the perturbation radius, >= 0; a float or a schedule of the ascent count, or a pytree
+      prefix of the params holding one per leaf or subtree. Numbers are checked here (a
+      negative or non-finite one raises a ValueError); schedules and traced values at every
+      step, as the scalar `rho` is; a tree that is not a prefix of the params raises a
+      ValueError at the first `update`.
     lam: the normalization weight in [0, 1]; a float or a schedule.
+    layerwise: multiply each leaf's radius by its weight norm `||w_l||` (needs `params`).
 
   Returns:
     An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
@@ -55,31 +96,133 @@ def unified_ascent(rho: ScalarOrSchedule, lam: ScalarOrSchedule = 1.0
 
   References:
     Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved Rates*,
-    ICLR 2025, https://arxiv.org/abs/2503.02225
+    ICLR 2025, https://arxiv.org/abs/2503.02225;
+    You et al., *Large Batch Optimization for Deep Learning: Training BERT in 76 minutes*
+    (LAMB's layer-wise trust ratio), ICLR 2020, https://arxiv.org/abs/1904.00962;
+    Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization* (layer-wise
+    scaling of the perturbation in Look-LayerSAM), CVPR 2022, https://arxiv.org/abs/2203.02714
   """
-  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
   lam = check_hparam("lam", lam, high=1.0, hint="lam=1 is SAM, lam=0 is USAM.")
+  _check_layerwise(layerwise)
 
   def init(params):
     del params
     return AscentCountState(count=jnp.zeros([], jnp.int32))
 
   def update(grads, state, params=None, *, param_axis_name=None, **extra):
-    del params, extra
-    rho_t = value_at(rho, state.count)
+    del extra
     lam_t = value_at(lam, state.count)
     grad_norm = tree.norm(grads, axis_name=param_axis_name)
-    factor = rho_t * ((1.0 - lam_t) + lam_t * tree.safe_inverse(grad_norm))
-    return tree.scale(factor, grads), AscentCountState(numerics.safe_increment(state.count))
+    common = (1.0 - lam_t) + lam_t * tree.safe_inverse(grad_norm)
+    eps = scale_by_radius(rho, state.count, common, grads, params, layerwise=layerwise,
+                          axis_name=param_axis_name)
+    return eps, AscentCountState(_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
-def normalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  r"""SAM's ascent, :math:`\epsilon = \rho\, g / \|g\|` (zero when `g = 0`).
+_LEAF = jax.tree.structure(0.0)
+
+
+def _is_radius_tree(rho) -> bool:
+  """Whether `rho` is a tree of radii (a dict, list, tuple, ...) rather than one radius."""
+  return rho is not None and jax.tree.structure(rho) != _LEAF
+
+
+def check_radius(rho: Radius, *, name: str = "rho", hint: str = "") -> Any:
+  """Validates a radius: one number or schedule (`check_hparam`), or a tree of them.
+
+  Every number of a tree is checked now (a negative or non-finite one raises a ValueError
+  naming its path, e.g. `rho['head']`), every schedule or traced value wrapped to be checked at
+  each step, as a scalar radius is.
+
+  Returns:
+    The checked radius, or tree of radii, to resolve with `scale_by_radius`.
+  """
+  if not _is_radius_tree(rho):
+    return check_hparam(name, cast(ScalarOrSchedule, rho), hint=hint)
+  if not jax.tree.leaves(rho):
+    raise ValueError(f"{name} is an empty tree ({rho!r}): give one radius per leaf or subtree "
+                     f"of the params, or one number.")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, r: check_hparam(f"{name}{jax.tree_util.keystr(path)}", r, hint=hint), rho)
+
+
+def _check_layerwise(layerwise):
+  if not isinstance(layerwise, (bool, np.bool_)):
+    raise TypeError(f"layerwise must be a Python bool, got {type(layerwise).__name__} (it is "
+                    f"structural: list it in static_args under optax.inject_hyperparams).")
+
+
+def _radii_per_leaf(rho, count, values, name):
+  """The radius of each leaf of `values` (a list in leaf order), from a prefix tree `rho`."""
+  rho_def = jax.tree.structure(rho)
+  try:
+    subtrees = rho_def.flatten_up_to(values)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"{name} is a tree of radii that is not a prefix of the params: {name} has structure "
+        f"{rho_def}, the params (as the ascent sees them) {jax.tree.structure(values)}. Give "
+        f"one radius per leaf or per subtree with the params' keys and nesting, e.g. "
+        f"{{'dense': 0.05, 'bias': 0.0}} for params {{'dense': ..., 'bias': ...}}.") from error
+  radii = []
+  for r, subtree in zip(jax.tree.leaves(rho), subtrees):
+    value = value_at(r, count)
+    radii.extend(value for _ in jax.tree.leaves(subtree))
+  return radii
+
+
+def scale_by_radius(rho: Any, count: jax.Array, common: jax.Array, values: Any,
+                    params: Any = None, *, layerwise: bool = False, axis_name=None,
+                    name: str = "rho") -> Any:
+  r"""`rho_l s_l common values_l` for every leaf `l`: the radius applied to a direction.
+
+  `s_l = ||w_l||` (accumulated in float32 or wider) with `layerwise`, else 1. A scalar `rho`
+  without `layerwise` is `tree.scale(rho_t * common, values)`: one product per leaf, bit for bit
+  the scalar rule.
 
   Args:
-    rho: the perturbation radius, >= 0; a float or a schedule of the ascent count.
+    rho: a checked radius or tree of radii (`check_radius`).
+    count: the schedules' argument.
+    common: the factor every leaf shares (e.g. `1/||g||`).
+    values: the direction, a tree like the params.
+    params: the params (needed with `layerwise`).
+    layerwise: scale each leaf's radius by its weight norm.
+    axis_name: the mapped axis of sharded params, for the weight norms.
+    name: the radius' name, for error messages.
+
+  Returns:
+    A tree like `values`, each leaf in its own dtype.
+  """
+  if not layerwise and not _is_radius_tree(rho):
+    return tree.scale(value_at(rho, count) * common, values)
+  leaves, treedef = jax.tree.flatten(values)
+  if _is_radius_tree(rho):
+    radii = _radii_per_leaf(rho, count, values, name)
+  else:
+    radii = [value_at(rho, count)] * len(leaves)
+  if layerwise:
+    if params is None:
+      raise ValueError("layerwise=True scales each leaf's radius by its weight norm ||w_l||: "
+                       "it needs the params, call update(g, state, params).")
+    weights = treedef.flatten_up_to(params)
+    radii = [r * tree.norm(w, axis_name=axis_name) for r, w in zip(radii, weights)]
+  return jax.tree.unflatten(
+      treedef, [tree.scale(r * common, x) for r, x in zip(radii, leaves)])
+
+
+def normalized_ascent(rho: Radius, *, layerwise: bool = False
+                      ) -> optax.GradientTransformationExtraArgs:
+  r"""SAM's ascent, :math:`\epsilon = \rho\, g / \|g\|` (zero when `g = 0`).
+
+  Per leaf, :math:`\epsilon_l = \rho_l s_l\, g_l / \|g\|` with a tree of radii `rho_l` and
+  `s_l = ||w_l||` under `layerwise=True` (see `unified_ascent`); the norm stays global.
+
+  Args:
+    rho: the perturbation radius, >= 0; a float or a schedule of the ascent count, or a pytree
+      prefix of the params holding one per leaf or subtree.
+    layerwise: multiply each leaf's radius by its weight norm `||w_l||`.
 
   Returns:
     An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
@@ -95,14 +238,20 @@ def normalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtr
     Foret et al., *Sharpness-Aware Minimization for Efficiently Improving Generalization*,
     ICLR 2021, https://arxiv.org/abs/2010.01412
   """
-  return unified_ascent(rho, lam=1.0)
+  return unified_ascent(rho, lam=1.0, layerwise=layerwise)
 
 
-def unnormalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def unnormalized_ascent(rho: Radius, *, layerwise: bool = False
+                        ) -> optax.GradientTransformationExtraArgs:
   r"""USAM's ascent, :math:`\epsilon = \rho\, g`.
 
+  Per leaf, :math:`\epsilon_l = \rho_l s_l\, g_l` with a tree of radii `rho_l` and
+  `s_l = ||w_l||` under `layerwise=True` (see `unified_ascent`).
+
   Args:
-    rho: the perturbation scale, >= 0; a float or a schedule of the ascent count.
+    rho: the perturbation scale, >= 0; a float or a schedule of the ascent count, or a pytree
+      prefix of the params holding one per leaf or subtree.
+    layerwise: multiply each leaf's scale by its weight norm `||w_l||`.
 
   Returns:
     An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
@@ -118,7 +267,7 @@ def unnormalized_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationEx
     Andriushchenko & Flammarion, *Towards Understanding Sharpness-Aware Minimization*,
     ICML 2022, https://arxiv.org/abs/2206.06232
   """
-  return unified_ascent(rho, lam=0.0)
+  return unified_ascent(rho, lam=0.0, layerwise=layerwise)
 
 
 # ------------------------------------------------------------------ seed ascents, part two
@@ -131,7 +280,7 @@ class NormEstimateState(NamedTuple):
                           # (each ||g||^2 capped at the dtype's largest value: always finite).
 
 
-def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
+def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedule = 0.99
                                     ) -> optax.GradientTransformationExtraArgs:
   r"""DNSAM's ascent: the stochastic gradient, normalized by the full-batch gradient norm.
 
@@ -200,7 +349,7 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     dtype = state.sq_norm_ema.dtype
     rho_t = value_at(rho, state.count)
     beta = value_at(decay, state.count).astype(dtype)
-    count = numerics.safe_increment(state.count)
+    count = _increment(state.count)
     # Linear in ||g||^2 (m-sharpness averages the state over chunks), finite for any finite g:
     # where ||g||^2 overflows and the (overflow-safe) norm is finite, the largest finite value.
     # NaN and inf (a non-finite g) stay.
@@ -230,7 +379,7 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: float = 0.99
     factor = rho_t * jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))
     return tree.scale(factor, grads), NormEstimateState(count=count, sq_norm_ema=ema)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
@@ -268,14 +417,14 @@ def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraAr
 
   def update(grads, state, params=None, *, grad_fn=None, **extra):
     del extra
-    _check_gradient_access("hessian_ascent (HUSAM)", grad_fn, params)
+    grad_fn = _check_gradient_access("hessian_ascent (HUSAM)", grad_fn, params)
     tangent = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     _, hessian_grads = jax.jvp(grad_fn, (params,), (tangent,))
     eps = tree.scale(value_at(rho, state.count), hessian_grads)
     eps = jax.tree.map(lambda e, g: e.astype(g.dtype), eps, grads)
-    return eps, AscentCountState(numerics.safe_increment(state.count))
+    return eps, AscentCountState(_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool = True,
@@ -344,7 +493,7 @@ def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool 
   def update(grads, state, params=None, *, grad_fn=None, param_axis_name=None, **extra):
     del extra
     if steps > 1:
-      _check_gradient_access("multistep_ascent", grad_fn, params)
+      grad_fn = _check_gradient_access("multistep_ascent", grad_fn, params)
     radius = value_at(rho, state.count)
     a = radius if step_size is None else value_at(step_size, state.count)
 
@@ -364,13 +513,14 @@ def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool 
     # (jax-ml/jax#12868), and `steps` is small (2-5), so straight-line code costs little compile
     # time.
     for _ in range(steps - 1):
-      eps = advance(eps, grad_fn(tree.add(params, eps)))
-    return eps, AscentCountState(numerics.safe_increment(state.count))
+      eps = advance(eps, cast(Callable[[Any], Any], grad_fn)(tree.add(params, eps)))
+    return eps, AscentCountState(_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
-def _check_gradient_access(name, grad_fn, params):
+def _check_gradient_access(name, grad_fn, params) -> Callable[[Any], Any]:
+  """`grad_fn`, which an ascent that evaluates gradients needs, with the params."""
   if grad_fn is None:
     raise ValueError(
         f"{name} evaluates gradients inside the ascent: it needs the one-call form, where the "
@@ -378,6 +528,7 @@ def _check_gradient_access(name, grad_fn, params):
         f"run with two_call=True. Called directly, pass grad_fn=jax.grad(loss).")
   if params is None:
     raise ValueError(f"{name} needs the params: call update(grads, state, params, ...).")
+  return grad_fn
 
 
 # ------------------------------------------------------------------ the wider field
@@ -407,7 +558,8 @@ class AdaptiveWeights(NamedTuple):
 
   def __call__(self, params):
     """`T(params)`: a tree like params (leaves given `T = 1` by the convention hold ones)."""
-    eta = value_at(self.eta, None)  # a number, or an injected value checked at run time
+    # A number, or an injected value checked at run time: no schedule, so no count to pass.
+    eta = value_at(self.eta, None)  # pyright: ignore[reportArgumentType]
 
     def leaf(path, w):
       if _has_unit_metric(path, w, self.bias_convention):
@@ -493,9 +645,9 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     factor = value_at(rho, _step(state.count, count)) * tree.safe_inverse(
         tree.norm(tg, axis_name=param_axis_name))
     eps = tree.scale(factor, jax.tree.map(lambda a, b: a * b, t, tg))
-    return tree.cast_like(eps, grads), AscentCountState(numerics.safe_increment(state.count))
+    return tree.cast_like(eps, grads), AscentCountState(_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def lr_proportional_rho(learning_rate: ScalarOrSchedule, rho_max: float, rho_min: float,
@@ -564,15 +716,20 @@ def lr_proportional_rho(learning_rate: ScalarOrSchedule, rho_max: float, rho_min
   return schedule
 
 
-def step_count_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def step_count_ascent(rho: Radius, *, layerwise: bool = False
+                      ) -> optax.GradientTransformationExtraArgs:
   r"""SAM's ascent :math:`\epsilon = \rho_t\, g / \|g\|` with `rho_t` a schedule of the step.
 
   Unlike `normalized_ascent` (whose schedules count ascents), the schedule's argument is the
   engine's step count (the keyword `count`), so that a radius tied to the learning-rate
   schedule stays aligned with it under SAM windows and cadences (GSAM).
 
+  A tree of radii and `layerwise=True` work as in `unified_ascent`.
+
   Args:
-    rho: the radius, a float or a schedule of the step count.
+    rho: the radius, a float or a schedule of the step count, or a pytree prefix of the params
+      holding one per leaf or subtree.
+    layerwise: multiply each leaf's radius by its weight norm `||w_l||`.
 
   Returns:
     An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
@@ -588,19 +745,21 @@ def step_count_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtr
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022,
     https://arxiv.org/abs/2203.08065
   """
-  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
+  _check_layerwise(layerwise)
 
   def init(params):
     del params
     return AscentCountState(count=jnp.zeros([], jnp.int32))
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
-    del params, extra
-    rho_t = value_at(rho, _step(state.count, count))
-    factor = rho_t * tree.safe_inverse(tree.norm(grads, axis_name=param_axis_name))
-    return tree.scale(factor, grads), AscentCountState(numerics.safe_increment(state.count))
+    del extra
+    inverse = tree.safe_inverse(tree.norm(grads, axis_name=param_axis_name))
+    eps = scale_by_radius(rho, _step(state.count, count), inverse, grads, params,
+                          layerwise=layerwise, axis_name=param_axis_name)
+    return eps, AscentCountState(_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 class AverageState(NamedTuple):
@@ -662,10 +821,10 @@ def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
         lambda x, y: jnp.where(first, x, decay.astype(x.dtype) * y
                                + (1 - decay).astype(x.dtype) * x), g, m)
     return (tree.cast_like(tree.scale(factor, direction), grads),
-            AverageState(numerics.safe_increment(state.count),
+            AverageState(_increment(state.count),
                          tree.cast_like(new_m, state.average)))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9
@@ -715,9 +874,9 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
                                + th.astype(x.dtype) * x), g, state.average)
     factor = value_at(rho, step) * tree.safe_inverse(tree.norm(d, axis_name=param_axis_name))
     return (tree.cast_like(tree.scale(factor, d), grads),
-            AverageState(numerics.safe_increment(state.count), tree.cast_like(d, state.average)))
+            AverageState(_increment(state.count), tree.cast_like(d, state.average)))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 class PreviousParamsState(NamedTuple):
@@ -773,10 +932,10 @@ def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> optax.GradientTransformation
     factor = value_at(rho, _step(state.count, count)) * tree.safe_inverse(
         tree.norm(delta, axis_name=param_axis_name))
     eps = tree.cast_like(tree.scale(factor, delta), params)
-    return eps, PreviousParamsState(numerics.safe_increment(state.count),
+    return eps, PreviousParamsState(_increment(state.count),
                                     jax.tree.map(jnp.copy, params))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
@@ -836,9 +995,9 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
     root = jnp.sqrt(quad) * jnp.sqrt(scale_g) * jnp.sqrt(scale_f)
     factor = value_at(rho, step) * tree.safe_inverse(root)
     return (tree.cast_like(tree.scale(factor, f_inv_g), grads),
-            AscentCountState(numerics.safe_increment(state.count)))
+            AscentCountState(_increment(state.count)))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 class KeyState(NamedTuple):
@@ -899,7 +1058,7 @@ def random_smoothing_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedul
   def update(grads, state, params=None, *, grad_fn=None, count=None, param_axis_name=None,
              **extra):
     del grads, extra
-    _check_gradient_access("random_smoothing_ascent (random SAM)", grad_fn, params)
+    grad_fn = _check_gradient_access("random_smoothing_ascent (random SAM)", grad_fn, params)
     step = _step(state.count, count)
     key, sub = jax.random.split(state.key)
     s = value_at(sigma, step)
@@ -914,9 +1073,9 @@ def random_smoothing_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedul
     step_up = tree.scale(factor, g)
     eps = jax.tree.map(lambda n, u, w: (n.astype(u.dtype) + u).astype(w.dtype), noise, step_up,
                        params)
-    return eps, KeyState(numerics.safe_increment(state.count), key)
+    return eps, KeyState(_increment(state.count), key)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def stochastic_weight_ascent(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedule = 0.6,
@@ -973,9 +1132,9 @@ def stochastic_weight_ascent(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedul
         for k, x in zip(_split_per_leaf(sub, grads), leaves)])
     factor = value_at(rho, step) / b * tree.safe_inverse(
         tree.norm(kept, axis_name=param_axis_name))
-    return tree.scale(factor, kept), KeyState(numerics.safe_increment(state.count), key)
+    return tree.scale(factor, kept), KeyState(_increment(state.count), key)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 class BayesianState(NamedTuple):
@@ -1030,8 +1189,8 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
   if num_data is None:
     raise ValueError("bSAM needs num_data=N, the training-set size: the posterior sample has "
                      "variance 1/(N s).")
-  num_data = check_hparam("num_data", num_data, low_open=True,
-                          hint="num_data is the training-set size N.")
+  data_size = check_hparam("num_data", num_data, low_open=True,
+                           hint="num_data is the training-set size N.")
   b2 = check_hparam("b2", b2, high=1.0, high_open=True,
                     hint="b2 is the precision's decay (0.999).")
   weight_decay = check_hparam("weight_decay", weight_decay,
@@ -1053,10 +1212,10 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
   def update(grads, state, params=None, *, grad_fn=None, count=None, param_axis_name=None,
              **extra):
     del grads, param_axis_name, extra
-    _check_gradient_access("bayesian_ascent (bSAM)", grad_fn, params)
+    grad_fn = _check_gradient_access("bayesian_ascent (bSAM)", grad_fn, params)
     step = _step(state.count, count)
     key, sub = jax.random.split(state.key)
-    n = value_at(num_data, step)
+    n = value_at(data_size, step)
     leaves, treedef = jax.tree.flatten(params)
     s_leaves = treedef.flatten_up_to(state.precision)
     sample = jax.tree.unflatten(treedef, [
@@ -1071,9 +1230,9 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
     precision = jax.tree.map(
         lambda s, x: (beta2 * s + (1 - beta2) * (jnp.sqrt(s) * jnp.abs(x) + shift)
                       ).astype(s.dtype), state.precision, g)
-    return eps, BayesianState(numerics.safe_increment(state.count), key, precision)
+    return eps, BayesianState(_increment(state.count), key, precision)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def _at_least_float32(dtype):
