@@ -16,6 +16,8 @@ from sam_optax._src.engine import PendingDescent
 from sam_optax._src.engine import SharpnessAwareState
 from sam_optax._src.engine import SharpnessAwareTransformation
 from sam_optax._src.engine import sharpness_aware
+from sam_optax._src.transformation import UpdateWithAux
+from sam_optax._src.variants import SharedOptions
 
 # Variants.
 from sam_optax._src.variants import asam
@@ -81,3 +83,65 @@ from sam_optax._src.nonfinite import SkipIfNonfiniteState
 from sam_optax._src.selection import sharpness_sensitive_grad_fn
 
 __version__ = "0.1.0"
+
+# The public API: what `from sam_optax import *` brings, and what type checkers treat as
+# exported (tests/test_typing.py checks that it lists every public name).
+__all__ = [
+    "adaptive_ascent",
+    "AdaptiveWeights",
+    "asam",
+    "bayesian_ascent",
+    "bayesian_descent",
+    "bsam",
+    "cadences",
+    "decoupled_sharpness_step",
+    "deterministic_normalized_ascent",
+    "dnsam",
+    "esam",
+    "find_moment",
+    "fisher_ascent",
+    "fisher_sam",
+    "friendly_ascent",
+    "friendly_sam",
+    "gsam",
+    "hessian_ascent",
+    "husam",
+    "look_ahead_reuse",
+    "looksam",
+    "lr_proportional_rho",
+    "momentum_ascent",
+    "momentum_sam",
+    "multistep_ascent",
+    "multistep_sam",
+    "normalization_mask",
+    "normalized_ascent",
+    "NormEstimateState",
+    "penalty_sam",
+    "PendingDescent",
+    "Radius",
+    "random_sam",
+    "random_smoothing_ascent",
+    "renormalize",
+    "sam",
+    "SharedOptions",
+    "sharpness_aware",
+    "sharpness_sensitive_grad_fn",
+    "SharpnessAwareState",
+    "SharpnessAwareTransformation",
+    "skip_if_nonfinite",
+    "SkipIfNonfiniteState",
+    "ssam",
+    "step_count_ascent",
+    "stochastic_weight_ascent",
+    "surrogate_gap",
+    "unified_ascent",
+    "unified_sam",
+    "unnormalized_ascent",
+    "UpdateWithAux",
+    "usam",
+    "usam2",
+    "variance_suppressed_ascent",
+    "vasso",
+    "weighted_sharpness",
+    "wsam",
+]

@@ -30,7 +30,7 @@ clean pass's state is kept whatever the option.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -196,13 +196,14 @@ def sam_step(
   param_arrays = params
   opt_state = _as_pure(optimizer.opt_state)
   if reports:
-    def grad_fn(p):
+    def grad_and_aux(p):
       (p_loss, (_, p_rngs, p_other)), p_grads = value_and_grad(p, rngs_perturbed_start)
       # The flag is True here and zero (False) on steps where the engine skips this pass.
       return p_grads, (jnp.ones([], jnp.bool_), p_loss, _keys_to_data((p_rngs, p_other)))
 
-    updates, new_opt_state, (ran, perturbed_loss, perturbed_state) = tx.update_with_aux(
-        grads, opt_state, param_arrays, grad_fn=grad_fn)
+    sam_tx = cast(SharpnessAwareTransformation, tx)  # what _reports_aux found
+    updates, new_opt_state, (ran, perturbed_loss, perturbed_state) = sam_tx.update_with_aux(
+        grads, opt_state, param_arrays, grad_fn=grad_and_aux)
     rngs_perturbed, other_perturbed = _data_to_keys(perturbed_state, (rngs_clean, other_clean))
     perturbed_loss = jnp.where(ran, perturbed_loss, loss)
     # Default randomness: both passes leave the streams at the same place. Fresh randomness:
@@ -341,18 +342,19 @@ def linen_sam_step(
         raise ValueError(f"With mutable=True, loss_fn must return (loss, updates) with updates "
                          f"a dict of collections, e.g. {{'batch_stats': ...}}, as apply(..., "
                          f"mutable=['batch_stats']) returns; got {type(updates).__name__}.")
-      return loss, (dict(updates), aux)
+      return loss, (dict(cast(Any, updates)), aux)  # a mapping: checked just above
     return jax.value_and_grad(wrapped, has_aux=True)
 
   (loss, (updates_clean, aux)), grads = pure(loss_fn)(state.params)
   perturbed_grad = pure(perturbed_loss_fn)
   if reports:
-    def grad_fn(p):
+    def grad_and_aux(p):
       (p_loss, (p_updates, _)), p_grads = perturbed_grad(p)
       return p_grads, (jnp.ones([], jnp.bool_), p_loss, _keys_to_data(p_updates))
 
-    step_updates, new_opt_state, (ran, perturbed_loss, p_updates) = tx.update_with_aux(
-        grads, state.opt_state, state.params, grad_fn=grad_fn)
+    sam_tx = cast(SharpnessAwareTransformation, tx)  # what _reports_aux found
+    step_updates, new_opt_state, (ran, perturbed_loss, p_updates) = sam_tx.update_with_aux(
+        grads, state.opt_state, state.params, grad_fn=grad_and_aux)
     perturbed_loss = jnp.where(ran, perturbed_loss, loss)
     new_collections = updates_clean
     if keep_perturbed_state:
@@ -447,7 +449,7 @@ def _reports_aux(tx) -> bool:
   """Whether tx is a one-call sam_optax transformation whose grad_fn returns (grads, aux)."""
   if not isinstance(tx, SharpnessAwareTransformation):
     return False
-  if getattr(tx, "two_call", False) or getattr(tx, "update_with_aux", None) is None:
+  if tx.two_call:
     raise ValueError("The sam_optax.flax steps use the one-call form: build the transformation "
                      "without two_call=True.")
   if not getattr(tx, "has_aux", False):

@@ -13,8 +13,7 @@ leaves, nesting: the fast tier) and on hypothesis's random trees (`slow`: most o
 
 from __future__ import annotations
 
-import functools
-import inspect
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 
 import sam_optax
 from sam_optax._src import tree as tree_lib
+from sam_optax._src import variants as variants_lib
 from tests.catalogue import CATALOGUE
 
 SETTINGS = settings(max_examples=3, deadline=None, database=None, derandomize=True,
@@ -108,17 +108,20 @@ def check_trees(check, search):
 
 
 def metric_of(variant):
-  """The elementwise weights `T(params)` of the variant's norms (ASAM), or None."""
-  make, keywords = variant.make, {}
-  while isinstance(make, functools.partial):
-    keywords = {**make.keywords, **keywords}
-    make = make.func
-  build = getattr(make, "__wrapped__", None)
-  if build is None:
-    return None
-  own = inspect.signature(build).parameters
-  arguments = {k: v for k, v in {**keywords, **variant.hparams}.items() if k in own}
-  return build(**arguments).metric
+  """The elementwise weights `T(params)` of the variant's norms (ASAM), or None.
+
+  Read from the `Pieces` a named constructor hands to `build_variant` (None for an entry built
+  without one)."""
+  captured = []
+
+  def capture(inner, pieces, *args, **kwargs):
+    captured.append(pieces)
+    return build_variant(inner, pieces, *args, **kwargs)
+
+  build_variant = variants_lib.build_variant
+  with mock.patch.object(variants_lib, "build_variant", capture):
+    variant.make(optax.identity(), **variant.hparams)
+  return captured[0].metric if captured else None
 
 
 @pytest.mark.parametrize("search", SEARCH)

@@ -10,14 +10,17 @@ at run time. The NaN reaches the step's updates, where `skip_if_nonfinite` and
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
+from jax import core
 import numpy as np
+import optax
 
-# A float, an array (e.g. injected by `optax.inject_hyperparams`), or a schedule of the step.
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+# A float, an array (e.g. injected by `optax.inject_hyperparams`), or a schedule of the step
+# (`optax.Schedule`: any function of the step count, such as `optax.linear_schedule(...)`).
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 def value_at(hparam: ScalarOrSchedule, count: jax.Array) -> jax.Array:
@@ -31,7 +34,7 @@ def _concrete(value) -> float | None:
     return float(value)
   if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
     return float(value)
-  if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.ndim == 0:
+  if isinstance(value, jax.Array) and not isinstance(value, core.Tracer) and value.ndim == 0:
     return float(value)
   return None
 
@@ -131,7 +134,8 @@ def check_run_time_value(name: str, value, *, low: float = 0.0, high: float | No
   NaN there instead, which makes the step's updates NaN (see `check_hparam`).
   """
   bounds = _Bounds(name, low, high, low_open, high_open)
-  if isinstance(value, (numbers.Real, np.ndarray, np.generic)) and np.ndim(value) == 0:
+  if isinstance(value, numbers.Real) or (
+      isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0):
     concrete = float(value)
     if not (np.isfinite(concrete) and bounds.holds(concrete)):
       raise ValueError(f"{name} must be finite and {bounds}, got {concrete}. {hint}".rstrip())

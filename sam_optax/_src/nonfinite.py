@@ -9,7 +9,7 @@ gets through it. `skip_if_nonfinite` judges the step by its result instead, whic
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +111,9 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
         total_notfinite=jnp.zeros([], jnp.int32),
         inner_state=inner_state,
         skip_descent=jnp.zeros([], jnp.bool_) if two_call else None,
-        saved_ascent_state=(jax.tree.map(jnp.copy, inner_state.ascent_state) if two_call
-                            else None))
+        # _is_two_call found a SharpnessAwareState (the two-call form) in inner_state.
+        saved_ascent_state=(jax.tree.map(jnp.copy, cast(Any, inner_state).ascent_state)
+                            if two_call else None))
 
   def counters(finite, state):
     """(apply the step?, consecutive count, total count) as in optax.apply_if_finite."""

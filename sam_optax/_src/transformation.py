@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, cast
 
 import jax
 import optax
@@ -39,6 +39,14 @@ class SharpnessAwareState(NamedTuple):
   pending: PendingDescent | None  # two-call form only; None in the one-call form.
 
 
+class UpdateWithAux(Protocol):
+  """`update_with_aux(grads, state, params=None, **extra_args) -> (updates, state, aux)`."""
+
+  def __call__(self, updates: optax.Updates, state: optax.OptState,
+               params: optax.Params | None = None, /,
+               **extra_args: Any) -> tuple[optax.Updates, optax.OptState, Any]: ...
+
+
 class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
   """An `optax.GradientTransformationExtraArgs` that can also return the perturbed pass's aux.
 
@@ -49,16 +57,40 @@ class SharpnessAwareTransformation(optax.GradientTransformationExtraArgs):
   built without `has_aux=True` or with `two_call=True`. `has_aux` records whether `grad_fn`
   must return `(grads, aux)`, so that wrappers (e.g. `sam_optax.flax`) can build a matching
   one; `two_call` whether it is the two-call form.
-  """
 
-  def __new__(cls, init, update, update_with_aux=None, has_aux=False, two_call=False):
+  Attributes:
+    init: `init(params) -> state`.
+    update: `update(grads, state, params=None, **extra_args) -> (updates, state)`.
+    update_with_aux: `update_with_aux(grads, state, params=None, **extra_args) -> (updates,
+      state, aux)`.
+    has_aux: whether `grad_fn` returns `(grads, aux)`.
+    two_call: whether ascent and descent alternate over successive `update` calls.
+  """
+  # Declared for type checkers; the values live in the instance's __dict__ (see __new__).
+  update_with_aux: UpdateWithAux
+  has_aux: bool
+  two_call: bool
+
+  def __new__(cls, init: Callable[..., Any], update: Callable[..., Any],
+              update_with_aux: Callable[..., Any] | None = None, has_aux: bool = False,
+              two_call: bool = False) -> SharpnessAwareTransformation:
     self = super().__new__(cls, init, update)
     # Instances of optax's NamedTuple subclasses carry a __dict__; the third entry point lives
     # there so that optax, which reads the two fields, sees an ordinary transformation.
-    self.update_with_aux = update_with_aux
+    self.update_with_aux = cast(UpdateWithAux, update_with_aux or _no_update_with_aux)
     self.has_aux = has_aux
     self.two_call = two_call
     return self
+
+
+def _no_update_with_aux(*args: Any, **kwargs: Any) -> Any:
+  """The `update_with_aux` of a transformation built without one (one function for all, so
+  that the pytree's static data of two such transformations compare equal)."""
+  del args, kwargs
+  raise ValueError(
+      "This transformation has no update_with_aux: it wraps one that does not return the "
+      "perturbed pass's aux. Build the sharpness-aware transformation with has_aux=True, e.g. "
+      "sam_optax.sam(optax.sgd(0.1), rho=0.05, has_aux=True), and wrap that.")
 
 
 # As a plain NamedTuple, a pytree round trip (`jax.tree.map`, or an `nnx.Optimizer` under

@@ -1,22 +1,26 @@
 """Named constructors: each variant names its pieces (ascent, correction, cadence) for the engine.
 
-A variant is written as a function from its own hyperparameters to `Pieces`, decorated with
-`@variant`, which turns it into a constructor `name(inner, *hparams, **shared_options)`: the
-options every variant accepts (renormalization, SAM windows, masks, aux, the two-call form,
-m-sharpness) are declared once, here.
+A variant constructor is an ordinary function `name(inner, *hparams, **options)`: it builds the
+variant's `Pieces` from its own hyperparameters and hands them to `build_variant` with the
+options every variant shares (renormalization, SAM windows, masks, aux, the two-call form,
+m-sharpness), which are declared once, here, as the `SharedOptions` TypedDict. Static type
+checkers and editors read the real signature; `@variant` fills the shared options' defaults.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Hashable, Mapping
+from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Unpack,
+                    overload)
 
 import optax
 
 from sam_optax._src import ascents, cadences, corrections, engine
 from sam_optax._src.hyperparams import ScalarOrSchedule
 from sam_optax._src.hyperparams import _concrete
+from sam_optax._src.transformation import SharpnessAwareTransformation
 
 
 class Pieces(NamedTuple):
@@ -31,75 +35,116 @@ class Pieces(NamedTuple):
   decoupled: Callable | None = None  # (correction_state, params, count) -> added update
 
 
-_KW = inspect.Parameter.KEYWORD_ONLY
+class SharedOptions(TypedDict, total=False):
+  """The options every variant constructor accepts after its own hyperparameters.
 
-# The options every variant accepts, with their documentation.
-SHARED_OPTIONS = (
-    (inspect.Parameter("renormalize", _KW, default=False, annotation=bool),
-     "apply Stable SAM's renormalization `d <- (||g|| / ||d||) d` to the descent direction "
-     "(Tan et al., https://arxiv.org/abs/2401.07250)."),
-    (inspect.Parameter("window", _KW, default=None, annotation="tuple | None"),
-     "`(start, end)`: sharpness-aware steps only for `start <= t < end` (end None: no end); "
-     "other steps are the inner optimizer's, with one gradient evaluation."),
-    (inspect.Parameter("mask", _KW, default=None, annotation=Any),
-     "tree of bools (or function of params returning one) choosing the perturbed leaves; norms "
-     "are over those leaves only (SAM-ON, https://arxiv.org/abs/2306.04226)."),
-    (inspect.Parameter("has_aux", _KW, default=False, annotation=bool),
-     "whether `grad_fn` returns `(grads, aux)`; `tx.update_with_aux` returns the perturbed "
-     "pass's aux."),
-    (inspect.Parameter("two_call", _KW, default=False, annotation=bool),
-     "alternate ascent and descent over successive `update` calls instead of passing "
-     "`grad_fn`."),
-    (inspect.Parameter("chunk_size", _KW, default=None, annotation="int | None"),
-     "m-sharpness: examples per chunk; each chunk takes its own clean gradient, perturbation "
-     "and descent gradient (with any ascent, and before renormalization), and the descent "
-     "gradients are averaged. `update` then takes `batch=` (or `chunks=`, already split) and "
-     "`grad_fn(params, batch)`; `grads` may be None."),
-    (inspect.Parameter("chunk_strategy", _KW, default="vectorized", annotation=str),
-     '`"vectorized"` (vmap over chunks) or `"sequential"` (scan: memory of one chunk, i.e. '
-     "gradient accumulation)."),
-    (inspect.Parameter("axis_name", _KW, default=None, annotation=Any),
-     "data-parallel axis name(s) of an enclosing `pmap`/`shard_map`; gradients are averaged "
-     "over it."),
-    (inspect.Parameter("average_ascent", _KW, default=None, annotation="bool | None"),
-     "with `axis_name`: True for global SAM (ascent on the averaged gradient), False for "
-     "per-device ascent (m-sharpness); required with `axis_name`."),
-    (inspect.Parameter("param_axis_name", _KW, default=None, annotation=Any),
-     "axis the params are sharded over (FSDP in `shard_map`): norms are reduced over it."),
-)
-_SHARED_NAMES = tuple(p.name for p, _ in SHARED_OPTIONS)
+  All are keyword-only and optional; a constructor's docstring names them under `**options`.
+  The defaults are in parentheses (`ssam` defaults to `renormalize=True`).
 
-
-def variant(build: Callable[..., Pieces] | None = None, **option_defaults):
-  """Makes a variant constructor `(inner, *hparams, **shared options)` from `build(*hparams)`.
-
-  `option_defaults` overrides shared defaults (`ssam` is SAM with `renormalize=True`).
+  Attributes:
+    renormalize: apply Stable SAM's renormalization `d <- (||g|| / ||d||) d` to the descent
+      direction (Tan et al., https://arxiv.org/abs/2401.07250). (False)
+    window: `(start, end)`: sharpness-aware steps only for `start <= t < end` (end None: no
+      end); other steps are the inner optimizer's, with one gradient evaluation. (None)
+    mask: tree of bools (or function of params returning one) choosing the perturbed leaves;
+      norms are over those leaves only (SAM-ON, https://arxiv.org/abs/2306.04226). (None)
+    has_aux: whether `grad_fn` returns `(grads, aux)`; `tx.update_with_aux` returns the
+      perturbed pass's aux. (False)
+    two_call: alternate ascent and descent over successive `update` calls instead of passing
+      `grad_fn`. (False)
+    chunk_size: m-sharpness: examples per chunk; each chunk takes its own clean gradient,
+      perturbation and descent gradient (with any ascent, and before renormalization), and the
+      descent gradients are averaged. `update` then takes `batch=` (or `chunks=`, already
+      split) and `grad_fn(params, batch)`; `grads` may be None. (None)
+    chunk_strategy: `"vectorized"` (vmap over chunks) or `"sequential"` (scan: memory of one
+      chunk, i.e. gradient accumulation). ("vectorized")
+    axis_name: data-parallel axis name(s) of an enclosing `pmap`/`shard_map`; gradients are
+      averaged over it. (None)
+    average_ascent: with `axis_name`: True for global SAM (ascent on the averaged gradient),
+      False for per-device ascent (m-sharpness); required with `axis_name`. (None)
+    param_axis_name: axis the params are sharded over (FSDP in `shard_map`): norms are reduced
+      over it. (None)
   """
-  if build is None:
-    return functools.partial(variant, **option_defaults)
-  own = list(inspect.signature(build).parameters.values())
-  inner_param = inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                  annotation=optax.GradientTransformation)
-  shared = [p.replace(default=option_defaults.get(p.name, p.default)) for p, _ in SHARED_OPTIONS]
-  signature = inspect.Signature([inner_param, *own, *shared],
-                                return_annotation=engine.SharpnessAwareTransformation)
+  renormalize: bool
+  window: tuple[int, int | None] | None
+  mask: Any
+  has_aux: bool
+  two_call: bool
+  chunk_size: int | None
+  chunk_strategy: Literal["vectorized", "sequential"]
+  axis_name: Hashable | None
+  average_ascent: bool | None
+  param_axis_name: Hashable | None
 
-  @functools.wraps(build)
-  def constructor(*args, **kwargs):
+
+# The shared options' defaults, in the order of the runtime signature.
+SHARED_DEFAULTS: dict[str, Any] = dict(
+    renormalize=False, window=None, mask=None, has_aux=False, two_call=False, chunk_size=None,
+    chunk_strategy="vectorized", axis_name=None, average_ascent=None, param_axis_name=None)
+assert tuple(SHARED_DEFAULTS) == tuple(SharedOptions.__annotations__), "keep the two in step"
+
+# Each constructor's docstring names the shared options with this entry, which the runtime
+# docstring (`help()`, API docs) replaces by `SharedOptions`' documentation of each.
+_OPTIONS_ENTRY = "    **options: the options every variant shares (`SharedOptions`)"
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+@overload
+def variant(constructor: Callable[_P, _T], /) -> Callable[_P, _T]: ...
+@overload
+def variant(constructor: None = None, /,
+            **option_defaults: Any) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]: ...
+def variant(constructor: Callable[..., Any] | None = None, /, **option_defaults: Any) -> Any:
+  """Completes a variant constructor `(inner, *hparams, **options: Unpack[SharedOptions])`.
+
+  The static signature (what pyright and editors see) is the constructor's own. At run time
+  the constructor is called with every shared option (its default filled in; `option_defaults`
+  overrides defaults, e.g. `ssam`'s `renormalize=True`), an unknown keyword raises the usual
+  TypeError, and `inspect.signature` spells the options out as keyword-only parameters, since
+  `optax.inject_hyperparams` reads the hyperparameters from it and calls the constructor with
+  them as keywords. The docstring gets the shared options' documentation.
+  """
+  if constructor is None:
+    return functools.partial(variant, **option_defaults)
+  fn = constructor
+  own = [p for p in inspect.signature(fn).parameters.values()
+         if p.kind is not inspect.Parameter.VAR_KEYWORD]
+  # The TypedDict keeps its annotations as ForwardRefs; the signature shows their text.
+  annotations = {name: getattr(annotation, "__forward_arg__", annotation)
+                 for name, annotation in SharedOptions.__annotations__.items()}
+  shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                              default=option_defaults.get(name, default),
+                              annotation=annotations[name])
+            for name, default in SHARED_DEFAULTS.items()]
+  signature = inspect.Signature([*own, *shared], return_annotation=SharpnessAwareTransformation)
+
+  def complete(*args: Any, **kwargs: Any) -> Any:
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    inner = arguments.pop("inner")
-    options = {name: arguments.pop(name) for name in _SHARED_NAMES}
-    return build_variant(inner, build(**arguments), arguments, options, name=build.__name__)
+    return fn(**bound.arguments)
 
-  constructor.__signature__ = signature
-  constructor.__doc__ = _with_shared_docs(build.__doc__ or "")
-  return constructor
+  functools.update_wrapper(complete, fn)
+  setattr(complete, "__signature__", signature)
+  complete.__doc__ = _with_shared_docs(fn.__doc__ or "")
+  return complete
 
 
-def build_variant(inner: optax.GradientTransformation, pieces: Pieces, hparams: dict,
-                  options: dict, *, name: str) -> engine.SharpnessAwareTransformation:
+def _with_shared_docs(doc: str) -> str:
+  """Replaces the `**options` entry of the Args section by each shared option's entry."""
+  start = doc.find(_OPTIONS_ENTRY)
+  if start < 0:
+    return doc
+  end = doc.find("\n", start)
+  while doc.startswith("      ", end + 1):  # the entry's continuation lines
+    end = doc.find("\n", end + 1)
+  entries = (SharedOptions.__doc__ or "").split("  Attributes:\n", 1)[1].rstrip()
+  return doc[:start] + entries + doc[end:]
+
+
+def build_variant(inner: optax.GradientTransformation, pieces: Pieces, hparams: dict[str, Any],
+                  options: Mapping[str, Any], *, name: str) -> engine.SharpnessAwareTransformation:
   """The engine over a variant's `pieces`, with the options every variant shares.
 
   `hparams` are the variant's own hyperparameters (their radii decide `exact_at_zero`),
@@ -142,17 +187,9 @@ def _radius_may_vanish(hparams: dict) -> bool:
   return False
 
 
-def _with_shared_docs(doc: str) -> str:
-  """Inserts the shared options into the Args section, before Returns."""
-  lines = "".join(f"    {p.name}: {text}\n" for p, text in SHARED_OPTIONS)
-  marker = "\n  Returns:"
-  if marker not in doc:
-    return doc
-  before, after = doc.split(marker, 1)
-  return before.rstrip() + "\n" + lines.rstrip("\n") + "\n" + marker + after
-
 @variant
-def sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+        **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Sharpness-Aware Minimization.
 
   .. math::
@@ -182,6 +219,8 @@ def sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
     inner: the optimizer that takes the descent step, e.g. `optax.sgd(0.1, momentum=0.9)`.
     rho: the perturbation radius (paper default 0.05 from scratch, 0.1 when fine-tuning); a
       float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -202,11 +241,13 @@ def sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
     Foret et al., *Sharpness-Aware Minimization for Efficiently Improving Generalization*,
     ICLR 2021, https://arxiv.org/abs/2010.01412
   """
-  return Pieces(ascent=ascents.normalized_ascent(rho))
+  pieces = Pieces(ascent=ascents.normalized_ascent(rho))
+  return build_variant(inner, pieces, dict(rho=rho), options, name="sam")
 
 
 @variant
-def usam(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def usam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unnormalized SAM (USAM).
 
   .. math::
@@ -221,6 +262,8 @@ def usam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   Args:
     inner: the optimizer that takes the descent step.
     rho: the perturbation scale; a float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -236,11 +279,14 @@ def usam(rho: ScalarOrSchedule = 0.05) -> Pieces:
     NeurIPS 2023, https://arxiv.org/abs/2305.15287;
     Bolte, Le & Pauwels, https://arxiv.org/abs/2510.09034
   """
-  return Pieces(ascent=ascents.unnormalized_ascent(rho))
+  pieces = Pieces(ascent=ascents.unnormalized_ascent(rho))
+  return build_variant(inner, pieces, dict(rho=rho), options, name="usam")
 
 
 @variant
-def unified_sam(rho: ScalarOrSchedule = 0.05, lam: ScalarOrSchedule = 0.5) -> Pieces:
+def unified_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+                lam: ScalarOrSchedule = 0.5,
+                **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unified SAM: a convex combination of USAM's and SAM's perturbations.
 
   .. math::
@@ -255,6 +301,8 @@ def unified_sam(rho: ScalarOrSchedule = 0.05, lam: ScalarOrSchedule = 0.5) -> Pi
     inner: the optimizer that takes the descent step.
     rho: the perturbation radius; a float or a schedule of the step count.
     lam: the normalization weight in [0, 1]; a float or a schedule.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -267,11 +315,13 @@ def unified_sam(rho: ScalarOrSchedule = 0.05, lam: ScalarOrSchedule = 0.5) -> Pi
     Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved Rates*,
     ICLR 2025, https://arxiv.org/abs/2503.02225
   """
-  return Pieces(ascent=ascents.unified_ascent(rho, lam))
+  pieces = Pieces(ascent=ascents.unified_ascent(rho, lam))
+  return build_variant(inner, pieces, dict(rho=rho, lam=lam), options, name="unified_sam")
 
 
 @variant(renormalize=True)
-def ssam(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def ssam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Stable SAM: SAM whose descent direction keeps the clean gradient's norm.
 
   .. math::
@@ -286,6 +336,8 @@ def ssam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   Args:
     inner: the optimizer that takes the descent step.
     rho: the perturbation radius; a float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -298,7 +350,8 @@ def ssam(rho: ScalarOrSchedule = 0.05) -> Pieces:
     Tan et al., *Stabilizing Sharpness-Aware Minimization Through A Simple Renormalization
     Strategy*, JMLR 2025, https://arxiv.org/abs/2401.07250
   """
-  return Pieces(ascent=ascents.normalized_ascent(rho))
+  pieces = Pieces(ascent=ascents.normalized_ascent(rho))
+  return build_variant(inner, pieces, dict(rho=rho), options, name="ssam")
 
 
 # ------------------------------------------------------------------ seed variants, part two
@@ -313,7 +366,8 @@ def ssam(rho: ScalarOrSchedule = 0.05) -> Pieces:
 
 
 @variant
-def dnsam(rho: ScalarOrSchedule = 0.05, decay: float = 0.99) -> Pieces:
+def dnsam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05, decay: float = 0.99,
+          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Deterministic-normalization SAM: the stochastic gradient over the full-batch norm.
 
   .. math::
@@ -335,6 +389,8 @@ def dnsam(rho: ScalarOrSchedule = 0.05, decay: float = 0.99) -> Pieces:
     rho: the perturbation scale; a float or a schedule of the step count.
     decay: the decay of the moving average of `||g||^2` in [0, 1) (used when `update` gets no
       `full_grad_norm`).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`; `update` accepts `full_grad_norm=`.
@@ -352,11 +408,13 @@ def dnsam(rho: ScalarOrSchedule = 0.05, decay: float = 0.99) -> Pieces:
     Compagnoni et al., *An SDE for Modeling SAM: Theory and Insights*, ICML 2023,
     https://arxiv.org/abs/2301.08203
   """
-  return Pieces(ascent=ascents.deterministic_normalized_ascent(rho, decay))
+  pieces = Pieces(ascent=ascents.deterministic_normalized_ascent(rho, decay))
+  return build_variant(inner, pieces, dict(rho=rho, decay=decay), options, name="dnsam")
 
 
 @variant
-def usam2(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def usam2(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Two-step USAM: the unnormalized ascent taken twice, nested.
 
   .. math::
@@ -375,6 +433,8 @@ def usam2(rho: ScalarOrSchedule = 0.05) -> Pieces:
   Args:
     inner: the optimizer that takes the descent step.
     rho: the perturbation scale; a float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -386,13 +446,15 @@ def usam2(rho: ScalarOrSchedule = 0.05) -> Pieces:
   References:
     Bolte, Le & Pauwels, https://arxiv.org/abs/2510.09034
   """
-  return Pieces(ascent=ascents.multistep_ascent(rho, steps=2, normalized=False, project=False,
-                                                nested=True),
-                needs_grad_fn=True)
+  pieces = Pieces(ascent=ascents.multistep_ascent(rho, steps=2, normalized=False, project=False,
+                                                  nested=True),
+                  needs_grad_fn=True)
+  return build_variant(inner, pieces, dict(rho=rho), options, name="usam2")
 
 
 @variant
-def husam(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def husam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Hessian USAM: the ascent follows the Hessian applied to the gradient.
 
   .. math::
@@ -411,6 +473,8 @@ def husam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   Args:
     inner: the optimizer that takes the descent step.
     rho: the perturbation scale; a float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -422,11 +486,13 @@ def husam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   References:
     Bolte, Le & Pauwels, https://arxiv.org/abs/2510.09034
   """
-  return Pieces(ascent=ascents.hessian_ascent(rho), needs_grad_fn=True)
+  pieces = Pieces(ascent=ascents.hessian_ascent(rho), needs_grad_fn=True)
+  return build_variant(inner, pieces, dict(rho=rho), options, name="husam")
 
 
 @variant
-def penalty_sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
+def penalty_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+                **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Gradient-norm penalty: the gradient of `L + rho/2 ||grad L||^2`.
 
   .. math::
@@ -446,6 +512,8 @@ def penalty_sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
   Args:
     inner: the optimizer that takes the descent step.
     rho: the penalty weight; a float or a schedule of the step count.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -460,13 +528,15 @@ def penalty_sam(rho: ScalarOrSchedule = 0.05) -> Pieces:
     Deep Learning*, ICML 2022, https://arxiv.org/abs/2202.03599 (they penalize
     `||grad L||`, the normalized form above)
   """
-  return Pieces(ascent=ascents.unnormalized_ascent(rho), linearize=True, needs_grad_fn=True)
+  pieces = Pieces(ascent=ascents.unnormalized_ascent(rho), linearize=True, needs_grad_fn=True)
+  return build_variant(inner, pieces, dict(rho=rho), options, name="penalty_sam")
 
 
 @variant
-def multistep_sam(rho: ScalarOrSchedule = 0.05, steps: int = 2, normalized: bool = True,
-                  step_size: ScalarOrSchedule | None = None, project: bool = True,
-                  nested: bool = False) -> Pieces:
+def multistep_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05, steps: int = 2,
+                  normalized: bool = True, step_size: ScalarOrSchedule | None = None,
+                  project: bool = True, nested: bool = False,
+                  **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""SAM with a multi-step ascent: `steps` ascent steps kept in the rho-ball.
 
   .. math::
@@ -498,6 +568,8 @@ def multistep_sam(rho: ScalarOrSchedule = 0.05, steps: int = 2, normalized: bool
     step_size: the ascent step `a`; None for `rho`. A float or a schedule.
     project: project each iterate onto the rho-ball.
     nested: each iterate replaces the previous one instead of adding to it.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -513,7 +585,10 @@ def multistep_sam(rho: ScalarOrSchedule = 0.05, steps: int = 2, normalized: bool
   """
   ascent = ascents.multistep_ascent(rho, steps, normalized=normalized, step_size=step_size,
                                     project=project, nested=nested)
-  return Pieces(ascent=ascent, needs_grad_fn=steps > 1)
+  pieces = Pieces(ascent=ascent, needs_grad_fn=steps > 1)
+  return build_variant(inner, pieces, dict(rho=rho, steps=steps, normalized=normalized,
+                                           step_size=step_size, project=project,
+                                           nested=nested), options, name="multistep_sam")
 
 
 # ------------------------------------------------------------------ the wider field
@@ -526,8 +601,9 @@ def multistep_sam(rho: ScalarOrSchedule = 0.05, steps: int = 2, normalized: bool
 
 
 @variant
-def asam(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
-         bias_convention: str = "adaptive") -> Pieces:
+def asam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.5,
+         eta: ScalarOrSchedule = 0.01, bias_convention: str = "adaptive",
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Adaptive SAM (ASAM): SAM in a scale-invariant metric.
 
   .. math::
@@ -548,6 +624,8 @@ def asam(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
       paper's formula), `"identity"` every leaf with at most one dimension (biases and
       normalization parameters), `"no_bias"` the leaves whose last key is `bias` (the authors'
       code adapts only tensors named `weight`).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -561,13 +639,16 @@ def asam(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     Deep Neural Networks*, ICML 2021, https://arxiv.org/abs/2102.11600
   """
   ascent = ascents.adaptive_ascent(rho, eta, bias_convention)
-  return Pieces(ascent=ascent, metric=ascents.AdaptiveWeights(eta, bias_convention))
+  pieces = Pieces(ascent=ascent, metric=ascents.AdaptiveWeights(eta, bias_convention))
+  return build_variant(inner, pieces, dict(rho=rho, eta=eta,
+                                           bias_convention=bias_convention), options, name="asam")
 
 
 @variant
-def gsam(rho_max: float = 0.04, rho_min: float = 0.02, alpha: ScalarOrSchedule = 0.4,
-         learning_rate: ScalarOrSchedule | None = None, lr_max: float | None = None,
-         lr_min: float | None = None) -> Pieces:
+def gsam(inner: optax.GradientTransformation, rho_max: float = 0.04, rho_min: float = 0.02,
+         alpha: ScalarOrSchedule = 0.4, learning_rate: ScalarOrSchedule | None = None,
+         lr_max: float | None = None, lr_min: float | None = None,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Surrogate-gap guided SAM (GSAM).
 
   .. math::
@@ -595,6 +676,8 @@ def gsam(rho_max: float = 0.04, rho_min: float = 0.02, alpha: ScalarOrSchedule =
     learning_rate: the inner optimizer's learning rate (float or optax schedule), or None.
     lr_max: the schedule's peak learning rate (required with a schedule).
     lr_min: the schedule's final learning rate (required with a schedule).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -610,11 +693,17 @@ def gsam(rho_max: float = 0.04, rho_min: float = 0.02, alpha: ScalarOrSchedule =
     https://arxiv.org/abs/2203.08065
   """
   rho = ascents.lr_proportional_rho(learning_rate, rho_max, rho_min, lr_max, lr_min)
-  return Pieces(ascent=ascents.step_count_ascent(rho), correction=corrections.surrogate_gap(alpha))
+  pieces = Pieces(ascent=ascents.step_count_ascent(rho),
+                  correction=corrections.surrogate_gap(alpha))
+  return build_variant(inner, pieces, dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha,
+                                           learning_rate=learning_rate, lr_max=lr_max,
+                                           lr_min=lr_min), options, name="gsam")
 
 
 @variant
-def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: ScalarOrSchedule = 0.7) -> Pieces:
+def looksam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05, k: int = 5,
+            alpha: ScalarOrSchedule = 0.7,
+            **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""LookSAM: a full SAM step every `k` steps, its sharpness direction reused in between.
 
   On steps `t = 0 (mod k)`:
@@ -635,6 +724,8 @@ def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: ScalarOrSchedule = 
     k: the period of full SAM steps (paper 5), a Python int (list it in `static_args` under
       `optax.inject_hyperparams`).
     alpha: the weight of the reused component (paper 0.7).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -647,13 +738,15 @@ def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: ScalarOrSchedule = 
     Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization*, CVPR 2022,
     https://arxiv.org/abs/2203.02714
   """
-  return Pieces(ascent=ascents.step_count_ascent(rho),
-                correction=corrections.look_ahead_reuse(alpha), cadence=cadences.every(k))
+  pieces = Pieces(ascent=ascents.step_count_ascent(rho),
+                  correction=corrections.look_ahead_reuse(alpha), cadence=cadences.every(k))
+  return build_variant(inner, pieces, dict(rho=rho, k=k, alpha=alpha), options, name="looksam")
 
 
 @variant
-def friendly_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
-                 lam: ScalarOrSchedule = 0.9) -> Pieces:
+def friendly_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+                 sigma: ScalarOrSchedule = 1.0, lam: ScalarOrSchedule = 0.9,
+                 **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Friendly SAM (F-SAM): perturb along the gradient's stochastic (noise) component.
 
   .. math::
@@ -669,6 +762,8 @@ def friendly_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
     rho: the radius (authors' default 0.05); a float or a schedule of the step count.
     sigma: the weight of the subtracted average (paper 1).
     lam: the EMA decay (paper 0.6 to 0.95; authors' default 0.9).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -681,11 +776,15 @@ def friendly_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
     Li et al., *Friendly Sharpness-Aware Minimization*, CVPR 2024,
     https://arxiv.org/abs/2403.12350
   """
-  return Pieces(ascent=ascents.friendly_ascent(rho, sigma, lam))
+  pieces = Pieces(ascent=ascents.friendly_ascent(rho, sigma, lam))
+  return build_variant(inner, pieces, dict(rho=rho, sigma=sigma, lam=lam), options,
+                       name="friendly_sam")
 
 
 @variant
-def vasso(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9) -> Pieces:
+def vasso(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+          theta: ScalarOrSchedule = 0.9,
+          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Variance-suppressed sharpness-aware optimization (VaSSO).
 
   .. math::
@@ -699,6 +798,8 @@ def vasso(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9) -> Pieces
     inner: the optimizer that takes the descent step.
     rho: the radius (the paper uses SAM's tuned value); a float or a schedule.
     theta: the weight of the new gradient in (0, 1] (paper 0.9; `theta = 1` is SAM).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -711,11 +812,13 @@ def vasso(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9) -> Pieces
     Li & Giannakis, *Enhancing Sharpness-Aware Optimization Through Variance Suppression*,
     NeurIPS 2023, https://arxiv.org/abs/2309.15639
   """
-  return Pieces(ascent=ascents.variance_suppressed_ascent(rho, theta))
+  pieces = Pieces(ascent=ascents.variance_suppressed_ascent(rho, theta))
+  return build_variant(inner, pieces, dict(rho=rho, theta=theta), options, name="vasso")
 
 
 @variant
-def momentum_sam(rho: ScalarOrSchedule = 0.3) -> Pieces:
+def momentum_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.3,
+                 **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Momentum-SAM (MSAM): the perturbation is the last step's direction, free of gradients.
 
   .. math::
@@ -737,6 +840,8 @@ def momentum_sam(rho: ScalarOrSchedule = 0.3) -> Pieces:
     inner: the optimizer that takes the descent step (the paper: SGD with momentum, or AdamW).
     rho: the step length along the last update (authors' default 0.3; their CIFAR
       configurations up to 3, larger than SAM's since the direction is not adversarial).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -751,11 +856,14 @@ def momentum_sam(rho: ScalarOrSchedule = 0.3) -> Pieces:
     Becker, Altrock & Risse, *Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead*, https://arxiv.org/abs/2401.12033
   """
-  return Pieces(ascent=ascents.momentum_ascent(rho), ascent_reads_grads=False)
+  pieces = Pieces(ascent=ascents.momentum_ascent(rho), ascent_reads_grads=False)
+  return build_variant(inner, pieces, dict(rho=rho), options, name="momentum_sam")
 
 
 @variant
-def fisher_sam(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0) -> Pieces:
+def fisher_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.1,
+               eta: ScalarOrSchedule = 1.0,
+               **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Fisher SAM: SAM in the (diagonal, empirical) Fisher metric.
 
   .. math::
@@ -770,6 +878,8 @@ def fisher_sam(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0) -> Piec
     rho: the radius in the Fisher metric (default 0.1, our reading of the paper's setting);
       a float or a schedule.
     eta: the weight of the Fisher term (default 1.0; `eta = 0` is SAM).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -782,12 +892,14 @@ def fisher_sam(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0) -> Piec
     Kim et al., *Fisher SAM: Information Geometry and Sharpness Aware Minimisation*,
     ICML 2022, https://arxiv.org/abs/2206.04920
   """
-  return Pieces(ascent=ascents.fisher_ascent(rho, eta))
+  pieces = Pieces(ascent=ascents.fisher_ascent(rho, eta))
+  return build_variant(inner, pieces, dict(rho=rho, eta=eta), options, name="fisher_sam")
 
 
 @variant
-def random_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 0.01,
-               lam: ScalarOrSchedule = 1.0, seed: int = 0) -> Pieces:
+def random_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+               sigma: ScalarOrSchedule = 0.01, lam: ScalarOrSchedule = 1.0, seed: int = 0,
+               **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Random SAM (R-SAM): SAM's step taken on the randomly smoothed loss.
 
   .. math::
@@ -807,6 +919,8 @@ def random_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 0.01,
     sigma: the noise's standard deviation.
     lam: the weight of the adversarial step (1: SAM's full step).
     seed: the seed of the noise (a Python int).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -819,12 +933,16 @@ def random_sam(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 0.01,
     Liu et al., *Random Sharpness-Aware Minimization*, NeurIPS 2022,
     https://openreview.net/forum?id=htUvh7xPoa
   """
-  return Pieces(ascent=ascents.random_smoothing_ascent(rho, sigma, lam, seed),
-                needs_grad_fn=True, ascent_reads_grads=False)
+  pieces = Pieces(ascent=ascents.random_smoothing_ascent(rho, sigma, lam, seed),
+                  needs_grad_fn=True, ascent_reads_grads=False)
+  return build_variant(inner, pieces, dict(rho=rho, sigma=sigma, lam=lam, seed=seed), options,
+                       name="random_sam")
 
 
 @variant
-def esam(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedule = 0.6, seed: int = 0) -> Pieces:
+def esam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+         beta: ScalarOrSchedule = 0.6, seed: int = 0,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Efficient SAM (ESAM): stochastic weight perturbation.
 
   .. math::
@@ -845,6 +963,8 @@ def esam(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedule = 0.6, seed: int =
     rho: the radius (SAM's, 0.05); a float or a schedule.
     beta: the probability that a leaf is perturbed (paper 0.5 to 0.6; 1 is SAM).
     seed: the seed of the draws (a Python int).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -857,12 +977,15 @@ def esam(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedule = 0.6, seed: int =
     Du et al., *Efficient Sharpness-aware Minimization for Improved Training of Neural
     Networks*, ICLR 2022, https://arxiv.org/abs/2110.03141
   """
-  return Pieces(ascent=ascents.stochastic_weight_ascent(rho, beta, seed))
+  pieces = Pieces(ascent=ascents.stochastic_weight_ascent(rho, beta, seed))
+  return build_variant(inner, pieces, dict(rho=rho, beta=beta, seed=seed), options, name="esam")
 
 
 @variant
-def wsam(rho: ScalarOrSchedule = 0.05, gamma: ScalarOrSchedule = 0.9, decouple: bool = False,
-         learning_rate: ScalarOrSchedule | None = None) -> Pieces:
+def wsam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+         gamma: ScalarOrSchedule = 0.9, decouple: bool = False,
+         learning_rate: ScalarOrSchedule | None = None,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Weighted SAM (WSAM): the sharpness as a weighted regularization term.
 
   .. math::
@@ -889,6 +1012,8 @@ def wsam(rho: ScalarOrSchedule = 0.05, gamma: ScalarOrSchedule = 0.9, decouple: 
     decouple: apply the sharpness term outside the inner optimizer (needs `learning_rate`).
     learning_rate: the inner optimizer's learning rate (float or schedule) for the decoupled
       step.
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -911,14 +1036,17 @@ def wsam(rho: ScalarOrSchedule = 0.05, gamma: ScalarOrSchedule = 0.9, decouple: 
                      "float or schedule as the inner optimizer's).")
   correction = corrections.weighted_sharpness(gamma, decoupled=decouple)
   step = corrections.decoupled_sharpness_step(learning_rate) if decouple else None
-  return Pieces(ascent=ascents.step_count_ascent(rho), correction=correction, decoupled=step)
+  pieces = Pieces(ascent=ascents.step_count_ascent(rho), correction=correction, decoupled=step)
+  return build_variant(inner, pieces, dict(rho=rho, gamma=gamma, decouple=decouple,
+                                           learning_rate=learning_rate), options, name="wsam")
 
 
 @variant
-def bsam(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
-         b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
+def bsam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.01,
+         num_data: float | None = None, b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
          weight_decay: ScalarOrSchedule = 0.0, damping: ScalarOrSchedule = 0.1,
-         init_precision: float = 1.0, seed: int = 0) -> Pieces:
+         init_precision: float = 1.0, seed: int = 0,
+         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Bayesian SAM (bSAM): SAM as a relaxation of Bayes, an Adam-like method with a posterior.
 
   With `s` the posterior precision (variance `1/(N s)`), per step (elementwise):
@@ -953,6 +1081,8 @@ def bsam(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
     damping: `gamma` (0.1).
     init_precision: the initial `s` (1.0).
     seed: the seed of the posterior samples (a Python int).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
 
   Returns:
     A `SharpnessAwareTransformation`.
@@ -969,4 +1099,8 @@ def bsam(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
   ascent = ascents.bayesian_ascent(rho, num_data, b2, weight_decay, damping, init_precision,
                                    seed)
   descent = corrections.bayesian_descent(b1, weight_decay, init_precision)
-  return Pieces(ascent=ascent, correction=descent, needs_grad_fn=True, ascent_reads_grads=False)
+  pieces = Pieces(ascent=ascent, correction=descent, needs_grad_fn=True, ascent_reads_grads=False)
+  return build_variant(inner, pieces, dict(rho=rho, num_data=num_data, b1=b1, b2=b2,
+                                           weight_decay=weight_decay, damping=damping,
+                                           init_precision=init_precision, seed=seed), options,
+                       name="bsam")
