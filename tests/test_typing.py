@@ -60,6 +60,7 @@ USER_CODE = textwrap.dedent('''\
     tx = sam_optax.unified_sam(optax.sgd(0.1), rho=0.05, lam=lambda t: 1.0 / (t + 1))
     tx = sam_optax.usam(optax.sgd(0.1), chunk_size=4, chunk_strategy="sequential")
     tx = sam_optax.sam(optax.sgd(0.1), axis_name="batch", average_ascent=False)
+    tx = sam_optax.sam(optax.sgd(0.1), rho={"w": 0.05})  # a radius per leaf
     options: sam_optax.SharedOptions = {"renormalize": True, "window": (10, None)}
     tx = sam_optax.vasso(optax.sgd(0.1), theta=0.9, **options)
     injected = optax.inject_hyperparams(sam_optax.sam)(optax.sgd(0.1), rho=0.05)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Hashable, Mapping
-from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Unpack,
-                    overload)
+from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Union,
+                    Unpack, overload)
 
 import optax
 
@@ -86,6 +86,12 @@ assert tuple(SHARED_DEFAULTS) == tuple(SharedOptions.__annotations__), "keep the
 # Each constructor's docstring names the shared options with this entry, which the runtime
 # docstring (`help()`, API docs) replaces by `SharedOptions`' documentation of each.
 _OPTIONS_ENTRY = "    **options: the options every variant shares (`SharedOptions`)"
+
+# A radius per leaf or one for all, as `sam`, `usam`, `unified_sam` and `ssam` take it:
+# `ascents.Radius` (a float or schedule, or a pytree prefix of the params) with list and tuple
+# for its sequences, so that a string (also a Sequence) is a type error: pyright flags
+# `rho="big"`.
+PerLeafRadius = Union[ScalarOrSchedule, Mapping[Any, Any], list[Any], tuple[Any, ...]]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -188,7 +194,7 @@ def _radius_may_vanish(hparams: dict) -> bool:
 
 
 @variant
-def sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+def sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Sharpness-Aware Minimization.
 
@@ -218,7 +224,8 @@ def sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
   Args:
     inner: the optimizer that takes the descent step, e.g. `optax.sgd(0.1, momentum=0.9)`.
     rho: the perturbation radius (paper default 0.05 from scratch, 0.1 when fine-tuning); a
-      float or a schedule of the step count.
+      float or a schedule of the step count, or a pytree prefix of the params holding one per
+      leaf or subtree (see `sam_optax.normalized_ascent`).
     **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
       `mask`, `two_call`, `chunk_size`, ...
 
@@ -246,7 +253,7 @@ def sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
 
 
 @variant
-def usam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+def usam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unnormalized SAM (USAM).
 
@@ -261,7 +268,8 @@ def usam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
 
   Args:
     inner: the optimizer that takes the descent step.
-    rho: the perturbation scale; a float or a schedule of the step count.
+    rho: the perturbation scale; a float or a schedule of the step count, or a pytree
+      prefix of the params holding one per leaf or subtree.
     **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
       `mask`, `two_call`, `chunk_size`, ...
 
@@ -284,7 +292,7 @@ def usam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
 
 
 @variant
-def unified_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+def unified_sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
                 lam: ScalarOrSchedule = 0.5,
                 **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unified SAM: a convex combination of USAM's and SAM's perturbations.
@@ -299,7 +307,8 @@ def unified_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.0
 
   Args:
     inner: the optimizer that takes the descent step.
-    rho: the perturbation radius; a float or a schedule of the step count.
+    rho: the perturbation radius; a float or a schedule of the step count, or a pytree
+      prefix of the params holding one per leaf or subtree.
     lam: the normalization weight in [0, 1]; a float or a schedule.
     **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
       `mask`, `two_call`, `chunk_size`, ...
@@ -320,7 +329,7 @@ def unified_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.0
 
 
 @variant(renormalize=True)
-def ssam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+def ssam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Stable SAM: SAM whose descent direction keeps the clean gradient's norm.
 
@@ -335,7 +344,8 @@ def ssam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
 
   Args:
     inner: the optimizer that takes the descent step.
-    rho: the perturbation radius; a float or a schedule of the step count.
+    rho: the perturbation radius; a float or a schedule of the step count, or a pytree
+      prefix of the params holding one per leaf or subtree.
     **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
       `mask`, `two_call`, `chunk_size`, ...
 
