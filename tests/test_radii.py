@@ -166,6 +166,33 @@ def test_the_named_variants_take_per_leaf_radii():
   assert_paths_close([ours], [expected], 1e-12)
 
 
+@DTYPES
+@pytest.mark.parametrize("make", [
+    sam_optax.friendly_ascent, sam_optax.variance_suppressed_ascent,
+    sam_optax.deterministic_normalized_ascent], ids=["friendly", "vasso", "dnsam"])
+def test_ascents_with_a_state_take_per_leaf_radii(make, dtype):
+  """eps_l = rho_l d_l / ||d|| (d their direction, ||d|| global): leaf by leaf, the ascent with
+  the scalar radius rho_l, over three updates (each state moving with the gradients)."""
+  params, loss = problem(dtype)
+  radii = {"layer": 0.3, "v": lambda t: 0.05 * (1.0 + t)}
+  grads = [jax.grad(loss)(jax.tree.map(lambda x, k=k: x * (1.0 + 0.3 * k), params))
+           for k in range(3)]
+
+  def eps_path(ascent):
+    update, state, path = jax.jit(ascent.update), ascent.init(params), []
+    for g in grads:
+      eps, state = update(g, state, params)
+      path.append(eps)
+    return path
+
+  per_leaf = eps_path(make(radii))
+  layer, v = eps_path(make(0.3)), eps_path(make(lambda t: 0.05 * (1.0 + t)))
+  for t in range(3):
+    assert_paths_close([per_leaf[t]["layer"]], [layer[t]["layer"]], TOL[dtype])
+    assert_paths_close([per_leaf[t]["v"]], [v[t]["v"]], TOL[dtype])
+    assert float(global_norm(per_leaf[t]["v"])) > 0
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -177,7 +204,8 @@ def test_the_named_variants_take_per_leaf_radii():
 ])
 def test_invalid_radii_raise_at_construction(rho, match):
   for make in (sam_optax.normalized_ascent, sam_optax.unnormalized_ascent,
-               sam_optax.step_count_ascent):
+               sam_optax.step_count_ascent, sam_optax.friendly_ascent,
+               sam_optax.variance_suppressed_ascent, sam_optax.deterministic_normalized_ascent):
     with pytest.raises(ValueError, match=match):
       make(rho)
   with pytest.raises(ValueError, match=match):

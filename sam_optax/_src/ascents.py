@@ -280,7 +280,7 @@ class NormEstimateState(NamedTuple):
                           # (each ||g||^2 capped at the dtype's largest value: always finite).
 
 
-def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedule = 0.99
+def deterministic_normalized_ascent(rho: Radius, decay: ScalarOrSchedule = 0.99
                                     ) -> optax.GradientTransformationExtraArgs:
   r"""DNSAM's ascent: the stochastic gradient, normalized by the full-batch gradient norm.
 
@@ -313,7 +313,8 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedu
   also gives NaN; with a zero gradient, as a zero estimated norm, a zero perturbation.
 
   Args:
-    rho: the perturbation scale, >= 0; a float or a schedule of the ascent count.
+    rho: the perturbation scale, >= 0; a float or a schedule of the ascent count, or a pytree
+      prefix of the params holding one per leaf or subtree (`eps_l = rho_l g_l / ||grad L||`).
     decay: the moving average's decay `beta` in [0, 1); `decay=0` normalizes by the current
       stochastic norm (SAM).
 
@@ -333,7 +334,7 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedu
     Compagnoni et al., *An SDE for Modeling SAM: Theory and Insights*, ICML 2023,
     https://arxiv.org/abs/2301.08203
   """
-  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
   if is_constant(decay, 1.0):
     raise ValueError("decay must be < 1 (decay=1 would never update the norm estimate); "
                      "use e.g. 0.99.")
@@ -347,7 +348,6 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedu
   def update(grads, state, params=None, *, full_grad_norm=None, param_axis_name=None, **extra):
     del params, extra
     dtype = state.sq_norm_ema.dtype
-    rho_t = value_at(rho, state.count)
     beta = value_at(decay, state.count).astype(dtype)
     count = _increment(state.count)
     # Linear in ||g||^2 (m-sharpness averages the state over chunks), finite for any finite g:
@@ -376,8 +376,9 @@ def deterministic_normalized_ascent(rho: ScalarOrSchedule, decay: ScalarOrSchedu
       norm = jnp.where((norm == 0) & (grad_norm != 0), jnp.nan, norm)
     # NaN-preserving where safe_inverse is not: a NaN norm (an invalid decay or full_grad_norm)
     # gives a NaN perturbation; a zero or infinite one still gives zero.
-    factor = rho_t * jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))
-    return tree.scale(factor, grads), NormEstimateState(count=count, sq_norm_ema=ema)
+    inverse = jnp.where(jnp.isnan(norm), jnp.nan, tree.safe_inverse(norm))
+    eps = scale_by_radius(rho, state.count, inverse, grads)
+    return eps, NormEstimateState(count=count, sq_norm_ema=ema)
 
   return _ascent(init, update)
 
@@ -768,7 +769,7 @@ class AverageState(NamedTuple):
   average: Any      # tree like params: the running average.
 
 
-def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
+def friendly_ascent(rho: Radius = 0.05, sigma: ScalarOrSchedule = 1.0,
                     lam: ScalarOrSchedule = 0.9) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM's ascent: the gradient minus its full-batch component, estimated by an EMA.
 
@@ -780,7 +781,8 @@ def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
   code: the perturbation subtracts the *previous* average, then the average is updated.
 
   Args:
-    rho: the radius, >= 0; a float or a schedule of the step count.
+    rho: the radius, >= 0; a float or a schedule of the step count, or a pytree prefix of the
+      params holding one per leaf or subtree (`eps_l = rho_l d_l / ||d||`).
     sigma: the weight of the subtracted average (paper 1).
     lam: the EMA decay in [0, 1] (paper 0.6 to 0.95; the authors' default 0.9).
 
@@ -798,7 +800,7 @@ def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
     Li et al., *Friendly Sharpness-Aware Minimization*, CVPR 2024,
     https://arxiv.org/abs/2403.12350
   """
-  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
   sigma = check_hparam("sigma", sigma,
                        hint="sigma weighs the subtracted gradient average (paper 1).")
   lam = check_hparam("lam", lam, high=1.0, hint="lam is the EMA decay (paper 0.6 to 0.95).")
@@ -814,20 +816,19 @@ def friendly_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 1.0,
     m = jax.tree.map(lambda x, y: x.astype(y.dtype), state.average, g)
     s, decay = value_at(sigma, step), value_at(lam, step)
     direction = jax.tree.map(lambda x, y: x - s.astype(x.dtype) * y, g, m)
-    factor = value_at(rho, step) * tree.safe_inverse(
-        tree.norm(direction, axis_name=param_axis_name))
+    inverse = tree.safe_inverse(tree.norm(direction, axis_name=param_axis_name))
     first = state.count == 0
     new_m = jax.tree.map(
         lambda x, y: jnp.where(first, x, decay.astype(x.dtype) * y
                                + (1 - decay).astype(x.dtype) * x), g, m)
-    return (tree.cast_like(tree.scale(factor, direction), grads),
+    return (tree.cast_like(scale_by_radius(rho, step, inverse, direction), grads),
             AverageState(_increment(state.count),
                          tree.cast_like(new_m, state.average)))
 
   return _ascent(init, update)
 
 
-def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSchedule = 0.9
+def variance_suppressed_ascent(rho: Radius = 0.05, theta: ScalarOrSchedule = 0.9
                                ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO's ascent: the normalized exponential average of past gradients.
 
@@ -837,7 +838,8 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
   with `d_1 = g_1` (the first perturbation is SAM's), as in the authors' code.
 
   Args:
-    rho: the radius, >= 0; a float or a schedule of the step count.
+    rho: the radius, >= 0; a float or a schedule of the step count, or a pytree prefix of the
+      params holding one per leaf or subtree (`eps_l = rho_l d_l / ||d||`).
     theta: the weight of the new gradient in (0, 1] (paper 0.9; theta = 1 is SAM).
 
   Returns:
@@ -854,7 +856,7 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
     Li & Giannakis, *Enhancing Sharpness-Aware Optimization Through Variance Suppression*,
     NeurIPS 2023, https://arxiv.org/abs/2309.15639
   """
-  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
   # theta = 0 would freeze the average at the first gradient: the perturbation would never move.
   theta = check_hparam("theta", theta, low_open=True, high=1.0,
                        hint="theta weighs the new gradient (paper 0.9).")
@@ -872,8 +874,8 @@ def variance_suppressed_ascent(rho: ScalarOrSchedule = 0.05, theta: ScalarOrSche
     d = jax.tree.map(
         lambda x, y: jnp.where(first, x, (1 - th).astype(x.dtype) * y.astype(x.dtype)
                                + th.astype(x.dtype) * x), g, state.average)
-    factor = value_at(rho, step) * tree.safe_inverse(tree.norm(d, axis_name=param_axis_name))
-    return (tree.cast_like(tree.scale(factor, d), grads),
+    inverse = tree.safe_inverse(tree.norm(d, axis_name=param_axis_name))
+    return (tree.cast_like(scale_by_radius(rho, step, inverse, d), grads),
             AverageState(_increment(state.count), tree.cast_like(d, state.average)))
 
   return _ascent(init, update)
