@@ -208,9 +208,9 @@ def sam_step(
     perturbed_loss = jnp.where(ran, perturbed_loss, loss)
     # Default randomness: both passes leave the streams at the same place. Fresh randomness:
     # the streams end after the perturbed pass, so the next step draws new keys.
-    new_rngs = _select(ran, rngs_perturbed, rngs_clean)
-    new_other = _select(ran, other_perturbed, other_clean) if keep_perturbed_state else (
-        other_clean)
+    new_rngs = optax.tree.where(ran, rngs_perturbed, rngs_clean)
+    new_other = (optax.tree.where(ran, other_perturbed, other_clean) if keep_perturbed_state
+                 else other_clean)
   else:
     def grad_fn(p):
       return value_and_grad(p, rngs_perturbed_start)[1]
@@ -225,8 +225,8 @@ def sam_step(
     # A step that skip_if_nonfinite or optax.apply_if_finite skipped (a NaN batch) leaves every
     # model variable as it was: not only the params, also the BatchNorm statistics and RNG
     # counters the clean pass of the bad batch wrote.
-    new_rngs = _select(applied, new_rngs, rngs_before)
-    new_other = _select(applied, new_other, other_before)
+    new_rngs = optax.tree.where(applied, new_rngs, rngs_before)
+    new_other = optax.tree.where(applied, new_other, other_before)
   new_params = optax.apply_updates(param_arrays, updates)
   nnx.update(model, new_params, new_rngs, new_other)
   nnx.update(optimizer.opt_state, nnx.state(new_opt_state, **graph_kw))
@@ -358,7 +358,8 @@ def linen_sam_step(
     perturbed_loss = jnp.where(ran, perturbed_loss, loss)
     new_collections = updates_clean
     if keep_perturbed_state:
-      new_collections = _select(ran, _data_to_keys(p_updates, updates_clean), updates_clean)
+      perturbed_collections = _data_to_keys(p_updates, updates_clean)
+      new_collections = optax.tree.where(ran, perturbed_collections, updates_clean)
   else:
     step_updates, new_opt_state = optax.with_extra_args_support(tx).update(
         grads, state.opt_state, state.params, grad_fn=lambda p: perturbed_grad(p)[1])
@@ -489,10 +490,6 @@ def _data_to_keys(tree, like):
   return jax.tree.map(
       lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
       if _is_key(ref) else x, tree, like)
-
-
-def _select(pred, on_true, on_false):
-  return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
 
 
 def _select_like(pred, new, old):

@@ -12,7 +12,7 @@ them the identity.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,22 @@ import optax
 from optax._src import numerics
 
 from sam_optax._src import tree
-from sam_optax._src.hyperparams import check_hparam, is_constant, value_at
+from sam_optax._src.hyperparams import ScalarOrSchedule, check_hparam, is_constant, value_at
 
 # Elementwise weights `T(params)` that define a norm `||T x||` (ASAM's adaptive metric).
 Metric = Callable[[Any], Any]
+
+
+def _correction(init: optax.TransformInitFn, update: Callable[..., Any]
+                ) -> optax.GradientTransformationExtraArgs:
+  """The correction `(init, update)`. Its `update` requires the engine's keywords (`clean_grads`),
+  which optax's `TransformUpdateExtraArgsFn` protocol (`**extra_args` only) cannot express."""
+  return optax.GradientTransformationExtraArgs(init, cast(optax.TransformUpdateExtraArgsFn, update))
+
+
+def _increment(count: jax.Array) -> jax.Array:
+  """`count + 1`, saturating at the int32 maximum (optax's `safe_increment`, typed as an array)."""
+  return cast(jax.Array, numerics.safe_increment(count))
 
 
 def renormalize(metric: Metric | None = None) -> optax.GradientTransformationExtraArgs:
@@ -62,8 +74,8 @@ def renormalize(metric: Metric | None = None) -> optax.GradientTransformationExt
       weighted_clean, weighted_adv = clean_grads, updates
     else:
       weights = metric(params)
-      weighted_clean = jax.tree.map(lambda t, x: t * x, weights, clean_grads)
-      weighted_adv = jax.tree.map(lambda t, x: t * x, weights, updates)
+      weighted_clean = optax.tree.mul(weights, clean_grads)
+      weighted_adv = optax.tree.mul(weights, updates)
     factor = tree.safe_ratio(tree.norm(weighted_clean, axis_name=param_axis_name),
                              tree.norm(weighted_adv, axis_name=param_axis_name))
     # Where g_adv is zero the factor is 0 and the (zero) direction stays zero. Where g_adv is g
@@ -76,7 +88,7 @@ def renormalize(metric: Metric | None = None) -> optax.GradientTransformationExt
     factor = jnp.where(unchanged, jnp.ones_like(factor), factor)
     return tree.scale(factor, updates), state
 
-  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+  return _correction(lambda params: optax.EmptyState(), update)
 
 
 # ------------------------------------------------------------------ the wider field
@@ -87,7 +99,7 @@ class CorrectionCountState(NamedTuple):
   count: jax.Array  # int32 scalar: corrections applied (every step, with or without ascent).
 
 
-def surrogate_gap(alpha: float = 0.4) -> optax.GradientTransformationExtraArgs:
+def surrogate_gap(alpha: ScalarOrSchedule = 0.4) -> optax.GradientTransformationExtraArgs:
   r"""GSAM's correction: descend the perturbed loss and the surrogate gap together.
 
   .. math::
@@ -133,14 +145,15 @@ def surrogate_gap(alpha: float = 0.4) -> optax.GradientTransformationExtraArgs:
     g, g_adv = tree.in_accumulation_dtype(clean_grads), tree.in_accumulation_dtype(updates)
     # g_perp = delta - (<delta, g_adv> / ||g_adv||^2) g_adv with delta = g - g_adv: the same
     # vector without cancellation, and exactly zero where g_adv is g.
-    delta = jax.tree.map(lambda a, b: a - b, g, g_adv)
+    delta = optax.tree.sub(g, g_adv)
     coef = tree.projection_coefficient(delta, g_adv, axis_name=param_axis_name)
     g_perp = jax.tree.map(lambda e, b: e - coef * b, delta, g_adv)
     a = value_at(alpha, state.count)
     d = jax.tree.map(lambda b, p: b - a.astype(b.dtype) * p, g_adv, g_perp)
-    return tree.cast_like(d, updates), CorrectionCountState(numerics.safe_increment(state.count))
+    count = _increment(state.count)
+    return optax.tree.cast_like(d, updates), CorrectionCountState(count)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _correction(init, update)
 
 
 class LookAheadState(NamedTuple):
@@ -150,7 +163,7 @@ class LookAheadState(NamedTuple):
                     # perturbed step.
 
 
-def look_ahead_reuse(alpha: float = 0.7) -> optax.GradientTransformationExtraArgs:
+def look_ahead_reuse(alpha: ScalarOrSchedule = 0.7) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM's correction: store the sharpness direction, reuse it between full steps.
 
   On a perturbed step (keyword `perturbed=True`)
@@ -196,23 +209,23 @@ def look_ahead_reuse(alpha: float = 0.7) -> optax.GradientTransformationExtraArg
   def update(updates, state, params=None, *, clean_grads, perturbed=True, param_axis_name=None,
              **extra):
     del params, extra
-    count = numerics.safe_increment(state.count)
+    count = _increment(state.count)
     g, g_adv = tree.in_accumulation_dtype(clean_grads), tree.in_accumulation_dtype(updates)
     if perturbed:
       # g_v = delta - (<delta, g> / ||g||^2) g with delta = g_adv - g: the same vector, without
       # the cancellation of subtracting two nearly equal large vectors (g_v is small next to
       # g_adv, and the reuse step rescales it to ||g||); exactly zero where g_adv is g.
-      delta = jax.tree.map(lambda a, b: a - b, g_adv, g)
+      delta = optax.tree.sub(g_adv, g)
       coef = tree.projection_coefficient(delta, g, axis_name=param_axis_name)
       g_v = jax.tree.map(lambda e, b: e - coef * b, delta, g)
-      return updates, LookAheadState(count, tree.cast_like(g_v, state.g_v))
-    g_v = jax.tree.map(lambda v, x: v.astype(x.dtype), state.g_v, g)
+      return updates, LookAheadState(count, optax.tree.cast_like(g_v, state.g_v))
+    g_v = optax.tree.cast_like(state.g_v, g)
     scale = value_at(alpha, state.count) * tree.safe_ratio(
         tree.norm(g, axis_name=param_axis_name), tree.norm(g_v, axis_name=param_axis_name))
     d = jax.tree.map(lambda x, v: x + scale.astype(x.dtype) * v, g, g_v)
-    return tree.cast_like(d, updates), LookAheadState(count, state.g_v)
+    return optax.tree.cast_like(d, updates), LookAheadState(count, state.g_v)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _correction(init, update)
 
 
 class WeightedSharpnessState(NamedTuple):
@@ -222,7 +235,7 @@ class WeightedSharpnessState(NamedTuple):
                     # step had no perturbed pass), for the decoupled update.
 
 
-def weighted_sharpness(gamma: float = 0.9, decoupled: bool = False
+def weighted_sharpness(gamma: ScalarOrSchedule = 0.9, decoupled: bool = False
                        ) -> optax.GradientTransformationExtraArgs:
   r"""WSAM's correction: the loss plus a weighted sharpness term.
 
@@ -274,14 +287,15 @@ def weighted_sharpness(gamma: float = 0.9, decoupled: bool = False
     g, g_adv = tree.in_accumulation_dtype(clean_grads), tree.in_accumulation_dtype(updates)
     gam = value_at(gamma, state.count)
     weight = gam / (1 - gam)
-    count = numerics.safe_increment(state.count)
+    count = _increment(state.count)
     if decoupled:
       sharpness = jax.tree.map(lambda x, a: weight.astype(x.dtype) * (a - x), g, g_adv)
-      return clean_grads, WeightedSharpnessState(count, tree.cast_like(sharpness, state.sharpness))
+      sharpness = optax.tree.cast_like(sharpness, state.sharpness)
+      return clean_grads, WeightedSharpnessState(count, sharpness)
     d = jax.tree.map(lambda x, a: x + weight.astype(x.dtype) * (a - x), g, g_adv)
-    return tree.cast_like(d, updates), CorrectionCountState(count)
+    return optax.tree.cast_like(d, updates), CorrectionCountState(count)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _correction(init, update)
 
 
 def decoupled_sharpness_step(learning_rate):
@@ -330,8 +344,8 @@ class BayesianDescentState(NamedTuple):
   momentum: Any     # tree like params: g_m.
 
 
-def bayesian_descent(b1: float = 0.9, weight_decay: float = 0.0, init_precision: float = 1.0
-                     ) -> optax.GradientTransformationExtraArgs:
+def bayesian_descent(b1: ScalarOrSchedule = 0.9, weight_decay: ScalarOrSchedule = 0.0,
+                     init_precision: float = 1.0) -> optax.GradientTransformationExtraArgs:
   r"""bSAM's descent direction: momentum of the perturbed gradient, scaled by the precision.
 
   .. math::
@@ -396,6 +410,6 @@ def bayesian_descent(b1: float = 0.9, weight_decay: float = 0.0, init_precision:
         lambda m, a, w: (beta1 * m + (1 - beta1) * (a + delta * w)).astype(m.dtype),
         state.momentum, updates, params)
     d = jax.tree.map(lambda m, s, a: (m / s).astype(a.dtype), momentum, precision, updates)
-    return d, BayesianDescentState(numerics.safe_increment(state.count), momentum)
+    return d, BayesianDescentState(_increment(state.count), momentum)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _correction(init, update)

@@ -141,8 +141,7 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
 
     def rest_of_skipped_pair():
       # The ascent call of this pair was skipped (params never moved): skip its descent call.
-      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
-      return zeros, state._replace(skip_descent=jnp.zeros([], jnp.bool_))
+      return optax.tree.zeros_like(params), state._replace(skip_descent=jnp.zeros([], jnp.bool_))
 
     def live_call():
       updates, new_sam_state = tx.update(grads, sam_state, params, **extra)

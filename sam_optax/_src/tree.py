@@ -2,7 +2,11 @@
 
 Norms and inner products are global over all leaves, accumulated in float32 or in the widest
 float present (so bfloat16 params do not lose the norm), and optionally reduced over a mapped
-axis when the params themselves are sharded across devices.
+axis when the params themselves are sharded across devices. `sam_optax.diagnostics` uses the
+same helpers.
+
+Elsewhere, `optax.tree` is used directly where it does the same thing (`cast_like`, `where`,
+`cast`, `sub`, `mul`, `zeros_like`); each helper kept here says what it does beyond optax's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sam_optax._src import control
 
@@ -31,19 +36,24 @@ def accumulation_dtype(*trees: Any) -> jnp.dtype:
 @control.eager_jit
 def in_accumulation_dtype(tree: Any) -> Any:
   """Every leaf in the accumulation dtype (see `accumulation_dtype`), for elementwise rules."""
-  acc = accumulation_dtype(tree)
-  return jax.tree.map(lambda x: x.astype(acc), tree)
+  return optax.tree.cast(tree, accumulation_dtype(tree))
 
 
-@control.eager_jit
-def cast_like(values: Any, like: Any) -> Any:
-  """`values` with each leaf cast to the dtype of the matching leaf of `like`."""
-  return jax.tree.map(lambda v, x: v.astype(x.dtype), values, like)
+# `optax.tree` does these exactly (the same values and dtypes); the names remain only for the
+# call sites not yet moved over. `select` stays one compiled call eagerly (`optax.tree.where` is
+# a dispatch per leaf there); `cast_like` is free eagerly where the dtypes already match.
+# to be replaced by optax.tree.cast_like at call sites in engine/ascents
+cast_like = optax.tree.cast_like
+# to be replaced by optax.tree.where at call sites in engine/ascents
+select = control.eager_jit(optax.tree.where)
 
 
 @control.eager_jit(static_argnames=("axis_name",))
 def vdot(a: Any, b: Any, *, axis_name: AxisName = None) -> jax.Array:
   """Global inner product `<a, b>` accumulated in float32 or wider.
+
+  Does more than `optax.tree.vdot`, which sums in the leaves' own dtypes (bfloat16 leaves lose
+  the sum) and knows nothing of sharded params: the axis-aware sum below.
 
   With `axis_name` (params sharded over a mapped axis), each leaf's partial sum is summed over
   the axes among `axis_name` that the leaf is sharded over (see `sharded_axes`), so that leaves
@@ -101,7 +111,7 @@ def vary(tree: Any, axis_name: AxisName) -> Any:
       return x
     if pcast is not None:
       return pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # JAX < 0.8
+    return getattr(jax.lax, "pvary")(x, missing)  # JAX < 0.8 (pvary is gone since)
   return jax.tree.map(one, tree)
 
 
@@ -116,7 +126,7 @@ def _varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
   pcast = getattr(jax.lax, "pcast", None)
   if pcast is not None:
     return pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)  # JAX < 0.8
+  return getattr(jax.lax, "pvary")(x, missing)  # JAX < 0.8 (pvary is gone since)
 
 
 def _axis_names(axis_name: AxisName) -> tuple:
@@ -124,7 +134,7 @@ def _axis_names(axis_name: AxisName) -> tuple:
 
 
 def _varying_axes(leaf: Any) -> frozenset:
-  aval = jax.typeof(leaf) if hasattr(jax, "typeof") else jax.core.get_aval(leaf)
+  aval = jax.typeof(leaf)
   manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
   if manual is not None:
     return frozenset(manual.varying)
@@ -152,6 +162,9 @@ def norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
   non-finite exactly when some entry is (NaN for a NaN entry, else inf for an infinite one),
   which is how the engine tells a non-finite gradient. In the normal range the result is
   `sqrt(vdot(tree, tree))`, bit for bit, at the cost of one scalar test.
+
+  Does more than `optax.tree.norm`: the float32 accumulation and axis-aware sum of `vdot`, and
+  the overflow-safe rescaling.
   """
   value, scale, _ = scaled_vdot(tree, tree, axis_name=axis_name)
   return jnp.sqrt(value) * scale
@@ -241,7 +254,9 @@ def scaled_vdot(a: Any, b: Any, *, axis_name: AxisName = None
     # Under jax.vmap (m-sharpness's vectorized chunks) lax.cond with a batched predicate runs
     # both branches and selects anyway; selecting here does the same without lax.cond's
     # batching rule, which fails on meshes with explicit axes (jax.set_mesh).
-    return tuple(jnp.where(in_range, t, r) for t, r in zip(trusted(None), rescaled(None)))
+    value, scale_a, scale_b = (jnp.where(in_range, t, r)
+                               for t, r in zip(trusted(None), rescaled(None)))
+    return value, scale_a, scale_b
   return control.cond(in_range, trusted, rescaled, None)
 
 
@@ -290,7 +305,13 @@ def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 @control.eager_jit
 def scale(factor: jax.Array, tree: Any) -> Any:
-  """`factor * tree`, multiplied in the accumulation dtype and cast back to each leaf's dtype."""
+  """`factor * tree`, multiplied in the wider of the factor's and each leaf's dtypes and cast
+  back to the leaf's dtype.
+
+  Does more than `optax.tree.scale`, which multiplies in JAX's promotion: a weakly typed factor
+  (a Python float traced by `jit`) is first rounded to a bfloat16 leaf's dtype, and a strongly
+  typed float32 factor makes a bfloat16 leaf float32.
+  """
   def leaf(x):
     acc = jnp.promote_types(factor.dtype, x.dtype)
     return (factor.astype(acc) * x.astype(acc)).astype(x.dtype)
@@ -299,33 +320,34 @@ def scale(factor: jax.Array, tree: Any) -> Any:
 
 @control.eager_jit
 def add(a: Any, b: Any) -> Any:
-  """`a + b` with the result in `a`'s dtypes (e.g. params + perturbation)."""
-  return jax.tree.map(lambda x, y: (x + y.astype(x.dtype)).astype(x.dtype), a, b)
+  """`a + b` with the result in `a`'s dtypes (params + a float32 perturbation stay bfloat16).
+
+  Does more than `optax.tree.add`, which promotes (bfloat16 + float32 is float32): `b` is cast
+  to `a`'s dtypes first. Compiled eagerly (see `control.eager_jit`), where `optax.tree.add`'s
+  leading `0 + a` would also turn a `-0.0` entry into `+0.0` (XLA folds it away under jit).
+  """
+  return optax.tree.add(a, optax.tree.cast_like(b, a))
 
 
 @control.eager_jit
 def sub(a: Any, b: Any) -> Any:
-  """`a - b` with the result in `a`'s dtypes."""
-  return jax.tree.map(lambda x, y: (x - y.astype(x.dtype)).astype(x.dtype), a, b)
+  """`a - b` with the result in `a`'s dtypes: `optax.tree.sub` after casting `b` like `a`."""
+  return optax.tree.sub(a, optax.tree.cast_like(b, a))
 
 
 @control.eager_jit
 def mean(trees: Any) -> Any:
-  """Mean over the leading axis of every leaf (e.g. over chunks)."""
+  """Mean over the leading axis of every leaf (e.g. over chunks), in each leaf's dtype (no
+  `optax.tree` counterpart)."""
   return jax.tree.map(lambda x: jnp.mean(x, axis=0).astype(x.dtype), trees)
 
 
 @control.eager_jit
 def all_zero(tree: Any) -> jax.Array:
-  """Whether every element of every leaf is zero (True for a tree without elements)."""
+  """Whether every element of every leaf is zero (True for a tree without elements; no
+  `optax.tree` counterpart)."""
   flags = [jnp.all(x == 0) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.asarray(flags, jnp.bool_)) if flags else jnp.asarray(True)
-
-
-@control.eager_jit
-def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  """Leafwise `jnp.where(pred, a, b)`: picks a branch without blending it arithmetically."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def check_same_structure(reference: Any, tree: Any, *, what: str, reference_name: str = "params"):
