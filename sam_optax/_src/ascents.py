@@ -9,7 +9,7 @@ descent gradient there. Users can chain their own pre-processing in front of an 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union, cast
+from typing import Any, Callable, Mapping, NamedTuple, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,9 @@ from sam_optax._src.hyperparams import check_positive_int, check_run_time_value,
 
 
 # A radius: one number or schedule, or a pytree prefix of the params holding one per leaf or
-# subtree (e.g. `{'encoder': 0.05, 'head': 0.0}`).
-Radius = Union[ScalarOrSchedule, Mapping[Any, Any], Sequence[Any]]
+# subtree (e.g. `{'encoder': 0.05, 'head': 0.0}`). Lists and tuples rather than `Sequence`, so
+# that a string (`rho="big"`) stays a type error.
+Radius = Union[ScalarOrSchedule, Mapping[Any, Any], list[Any], tuple[Any, ...]]
 
 
 def _increment(count: jax.Array) -> jax.Array:
