@@ -53,7 +53,10 @@ class Cadence(NamedTuple):
 
 
 def from_function(fn: Callable[[jax.Array], jax.Array]) -> Cadence:
-  """A stateless cadence from a function of the step count returning a boolean scalar.
+  r"""A stateless cadence from a function of the step count returning a boolean scalar.
+
+  .. math::
+    \mathrm{perturbed}(t) = f(t)
 
   Args:
     fn: `count -> bool`, e.g. `lambda t: t % 4 == 0`.
@@ -66,6 +69,10 @@ def from_function(fn: Callable[[jax.Array], jax.Array]) -> Cadence:
     >>> cadence = from_function(lambda t: t >= 2)
     >>> [bool(cadence(jnp.asarray(t))) for t in range(4)]
     [False, False, True, True]
+
+  References:
+    Zhao et al., *Randomized Sharpness-Aware Training for Boosting Computational Efficiency in
+    Deep Learning*, 2022, https://arxiv.org/abs/2203.09962 (schedules of SAM steps)
   """
   def update(grads, state, params, *, count, **_):
     del grads, params
@@ -131,6 +138,10 @@ def window(start: int, end: int | None = None) -> Cadence:
     >>> inside = window(1, 3)
     >>> [bool(inside(jnp.asarray(t))) for t in range(4)]
     [False, True, True, False]
+
+  References:
+    Andriushchenko & Flammarion, *Towards Understanding Sharpness-Aware Minimization*, ICML
+    2022, https://arxiv.org/abs/2206.06232 (SAM in the last epochs only)
   """
   start = check_positive_int("window start", start, minimum=0)
   if end is not None:

@@ -27,6 +27,7 @@ import optax
 from sam_optax._src import cadences
 from sam_optax._src import checks
 from sam_optax._src import chunking
+from sam_optax._src import masks
 from sam_optax._src.evaluation import DataParallel
 from sam_optax._src.hyperparams import check_positive_int
 from sam_optax._src.step import Engine
@@ -140,7 +141,9 @@ def sharpness_aware(
       None for no end), or a `Cadence`; outside the window the step is the inner optimizer's
       on `g`, without correction, with one gradient evaluation at run time.
     mask: optional tree of bools (or function of params returning one) selecting the leaves
-      that are perturbed; norms are taken over those leaves only (SAM-ON).
+      that are perturbed; norms are taken over those leaves only (SAM-ON). Or a
+      `sam_optax.masks.Mask` piece: an element-wise mask recomputed at every step from the
+      clean gradient, the step count and its state (e.g. the top entries by a score).
     has_aux: whether `grad_fn` returns `(grads, aux)`.
     two_call: use the two-call form instead of the one-call form.
     chunk_size: examples per chunk for m-sharpness (None: the whole batch is one chunk).
@@ -241,35 +244,11 @@ def sharpness_aware(
     Foret et al., *Sharpness-Aware Minimization for Efficiently Improving Generalization*,
     ICLR 2021, https://arxiv.org/abs/2010.01412
   """
-  for name, piece in (("inner", inner), ("ascent", ascent), ("correction", correction)):
-    if piece is not None and not isinstance(piece, optax.GradientTransformation):
-      raise TypeError(f"{name} must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), "
-                      f"got {type(piece).__name__}.")
-  cadence = as_cadence(cadence)
-  if decoupled is not None and not callable(decoupled):
-    raise TypeError("decoupled must be a function (correction_state, params, count) -> update.")
-  window = cadences.as_window(window)
-  if axis_name is not None and average_ascent is None:
-    raise ValueError(
-        f"With axis_name={axis_name!r}, choose how the ascent gradient is formed: "
-        f"average_ascent=True for global SAM (ascent on the gradient averaged over devices) or "
-        f"average_ascent=False for per-device ascent (m-sharpness, Foret et al.'s default).")
-  if axis_name is None and average_ascent is not None:
-    raise ValueError("average_ascent only has a meaning with axis_name (data parallelism).")
-  if chunk_size is not None:
-    chunk_size = check_positive_int("chunk_size", chunk_size)
-  if chunk_strategy not in chunking.STRATEGIES:
-    raise ValueError(f"chunk_strategy must be one of {chunking.STRATEGIES}, got {chunk_strategy!r}.")
-  if two_call and chunk_size is not None:
-    raise ValueError("The two-call form cannot split a batch into chunks: use the one-call form "
-                     "(pass grad_fn and batch) for m-sharpness.")
-  if chunk_size is not None and any(p is not None and p.reads_grads for p in (cadence, window)):
-    raise ValueError("A cadence that reads the clean gradient decides before the perturbed "
-                     "pass, but with chunk_size the clean gradient is computed per chunk inside "
-                     "it: use a cadence that does not read gradients, or drop chunk_size.")
-  if two_call and linearize:
-    raise ValueError("linearize=True takes a Hessian-vector product of grad_fn, which the "
-                     "two-call form does not have: use the one-call form (pass grad_fn=...).")
+  cadence, window, chunk_size = _checked_options(
+      inner, ascent, correction, cadence=cadence, window=window, mask=mask,
+      two_call=two_call, chunk_size=chunk_size, chunk_strategy=chunk_strategy,
+      axis_name=axis_name, average_ascent=average_ascent, linearize=linearize,
+      decoupled=decoupled)
   # The two-call form's descent call reads the ascent call's gradient only for a correction and
   # the off steps of a cadence or window. Otherwise it is not kept: one param-sized buffer less
   # in the state, and none written by each call. The exact select at a zero perturbation does
@@ -296,9 +275,49 @@ def sharpness_aware(
       has_aux, two_call=two_call)
 
 
+def _checked_options(inner, ascent, correction, *, cadence, window, mask, two_call,
+                     chunk_size, chunk_strategy, axis_name, average_ascent, linearize,
+                     decoupled):
+  """Checks the options of `sharpness_aware` at construction; returns the cadence and
+  window pieces they describe and the checked chunk size."""
+  for name, piece in (("inner", inner), ("ascent", ascent), ("correction", correction)):
+    if piece is not None and not isinstance(piece, optax.GradientTransformation):
+      raise TypeError(f"{name} must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), "
+                      f"got {type(piece).__name__}.")
+  cadence = as_cadence(cadence)
+  if decoupled is not None and not callable(decoupled):
+    raise TypeError("decoupled must be a function (correction_state, params, count) -> update.")
+  window = cadences.as_window(window)
+  if axis_name is not None and average_ascent is None:
+    raise ValueError(
+        f"With axis_name={axis_name!r}, choose how the ascent gradient is formed: "
+        f"average_ascent=True for global SAM (ascent on the gradient averaged over devices) or "
+        f"average_ascent=False for per-device ascent (m-sharpness, Foret et al.'s default).")
+  if axis_name is None and average_ascent is not None:
+    raise ValueError("average_ascent only has a meaning with axis_name (data parallelism).")
+  if chunk_size is not None:
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+  if chunk_strategy not in chunking.STRATEGIES:
+    raise ValueError(f"chunk_strategy must be one of {chunking.STRATEGIES}, got {chunk_strategy!r}.")
+  if two_call and chunk_size is not None:
+    raise ValueError("The two-call form cannot split a batch into chunks: use the one-call form "
+                     "(pass grad_fn and batch) for m-sharpness.")
+  if chunk_size is not None and any(p is not None and p.reads_grads for p in (cadence, window)):
+    raise ValueError("A cadence that reads the clean gradient decides before the perturbed "
+                     "pass, but with chunk_size the clean gradient is computed per chunk inside "
+                     "it: use a cadence that does not read gradients, or drop chunk_size.")
+  if chunk_size is not None and isinstance(mask, masks.Mask) and mask.reads_grads:
+    raise ValueError("A mask that reads the clean gradient is computed before the perturbed "
+                     "pass, but with chunk_size the clean gradient is computed per chunk inside "
+                     "it: use a mask that does not read gradients, or drop chunk_size.")
+  if two_call and linearize:
+    raise ValueError("linearize=True takes a Hessian-vector product of grad_fn, which the "
+                     "two-call form does not have: use the one-call form (pass grad_fn=...).")
+  return cadence, window, chunk_size
+
 def _init(engine: Engine, two_call: bool, keeps_clean_grads: bool, params):
   checks.refuse_wrappers(two_call)
-  if engine.mask is not None:
+  if engine.mask is not None and engine.mask_piece is None:
     checks.check_mask(engine.mask(params) if callable(engine.mask) else engine.mask, params)
   pending = None
   if two_call:
@@ -315,6 +334,7 @@ def _init(engine: Engine, two_call: bool, keeps_clean_grads: bool, params):
       correction_state=engine.correction.init(params),
       inner_state=engine.inner.init(params),
       cadence_state=engine.init_cadences(params),
+      mask_state=None if engine.mask_piece is None else engine.mask_piece.init(params),
       pending=pending), params)
 
 

@@ -1,10 +1,25 @@
-"""Params masks for the engine's `mask=` option (SAM-ON: perturb the normalization layers only)."""
+"""Params masks for the engine's `mask=` option (SAM-ON: perturb the normalization layers only).
+
+Two kinds of mask restrict the perturbation, and the norms the ascent takes, to some entries:
+
+  * static, leaf-wise: a tree of bools (a prefix of the params) or a function of the params
+    returning one (`normalization_mask`); the ascent sees the selected leaves only;
+  * a `Mask` piece, element-wise and stateful: `init(params) -> state` and `update(grads,
+    state, params, *, count, param_axis_name) -> (mask, state)`, where `mask` is a tree (a
+    prefix of the params) of bools or bool arrays broadcastable to each leaf, recomputed at
+    every step from the clean gradient (`reads_grads=True`: averaged over devices, so every
+    replica masks alike), the step count and its own state. The ascent then receives `g`
+    with the unselected entries set to zero (so its norms are over the selected entries), and
+    `eps` is zero there; the state advances once per step (on the ascent call in the two-call
+    form). Example: keep the top fraction of entries by a score recomputed every T steps.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 
 DEFAULT_NORM_NAMES = ("norm", "bn")
 
@@ -54,3 +69,18 @@ def normalization_mask(params: Any, names: Sequence[str] = DEFAULT_NORM_NAMES) -
     return False
 
   return jax.tree_util.tree_map_with_path(selected, params)
+
+
+class Mask(NamedTuple):
+  """An element-wise, stateful mask piece (see the module docstring)."""
+  init: Callable[[Any], Any]            # params -> state
+  update: Callable[..., tuple[Any, Any]]  # (grads, state, params, *, count, param_axis_name)
+  # -> (mask: a prefix tree of bools / bool arrays broadcastable to each leaf, state)
+  reads_grads: bool = False  # whether `update` reads `grads` (else the engine passes None)
+
+
+def apply(mask: Any, tree_: Any) -> Any:
+  """`tree_` with the entries outside `mask` (a prefix tree of broadcastable bools) zeroed."""
+  return jax.tree.map(
+      lambda keep, sub: jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), sub),
+      mask, tree_)

@@ -21,6 +21,7 @@ from sam_optax._src import cadences
 from sam_optax._src import checks
 from sam_optax._src import chunking
 from sam_optax._src import control
+from sam_optax._src import masks
 from sam_optax._src import tree
 from sam_optax._src.evaluation import DataParallel
 from sam_optax._src.evaluation import GradientEvaluator
@@ -45,6 +46,10 @@ class Engine:
     self.checks_grads_adv = correction is not None
     self.inner = optax.with_extra_args_support(inner)
     ascent = optax.with_extra_args_support(ascent)
+    # A Mask piece (element-wise, stateful) masks the ascent's input and output; a static mask
+    # (a tree of bools or a function of params) hands the ascent the selected leaves only.
+    self.mask_piece = mask if isinstance(mask, masks.Mask) else None
+    mask = None if self.mask_piece is not None else mask
     self.ascent = ascent if mask is None else optax.masked(ascent, mask)
     self.correction = optax.with_extra_args_support(
         correction if correction is not None else optax.identity())
@@ -85,10 +90,22 @@ class Engine:
     decision = Decision(inside=inside, perturbed=inside & take)
     return decision, CadenceState(window=window_state, cadence=cadence_state)
 
+  # -- an element-wise mask -------------------------------------------------------------------
+
+  def mask_entries(self, grads, state, params):
+    """This step's element-wise mask (None without a Mask piece) and the piece's next state."""
+    if self.mask_piece is None:
+      return None, state.mask_state
+    read = self.parallel.mean(grads) if self.mask_piece.reads_grads else None
+    return self.mask_piece.update(read, state.mask_state, params, count=state.count,
+                                  param_axis_name=self.param_axis_name)
+
   # -- the pieces ----------------------------------------------------------------------------
 
-  def perturb(self, grads, ascent_state, params, extra):
-    """eps = A(g), zero outside the mask."""
+  def perturb(self, grads, ascent_state, params, extra, entries=None):
+    """eps = A(g), zero outside the mask (`entries`: this step's element-wise mask)."""
+    if entries is not None:
+      return self.perturb_entries(grads, ascent_state, params, extra, entries)
     mask_tree = self.mask(params) if callable(self.mask) else self.mask
     if self.mask is not None:
       checks.check_mask(mask_tree, params)
@@ -101,6 +118,16 @@ class Engine:
       eps = jax.tree.map(lambda keep, e: e if keep else optax.tree.zeros_like(e),
                          mask_tree, eps)
     return eps, ascent_state
+
+  def perturb_entries(self, grads, ascent_state, params, extra, entries):
+    """eps = A(g masked), zero outside the element-wise mask: the ascent and its norms see the
+    selected entries only (the others are zero in its input and in what grad_fn returns)."""
+    if extra.get("grad_fn") is not None:
+      grad_fn = extra["grad_fn"]
+      extra = dict(extra, grad_fn=lambda p: masks.apply(entries, grad_fn(p)))
+    eps, ascent_state = self.ascent.update(masks.apply(entries, grads), ascent_state, params,
+                                           param_axis_name=self.param_axis_name, **extra)
+    return masks.apply(entries, eps), ascent_state
 
   def correct(self, grads, grads_adv, correction_state, params, perturbed, extra,
               ascent_state):
@@ -169,7 +196,8 @@ def one_call_update(engine: Engine, grads, state, params, returns_aux, *, grad_f
   checks.refuse_reserved_keywords(extra)
   grad_fn = engine.parallel.at_varying(checks.explained_signature(grad_fn, chunked is not None))
   decision, cadence_state = engine.decide(grads, state, params)
-  step = OneCallStep(engine, grads, state, params, grad_fn, chunked, extra)
+  entries, mask_state = engine.mask_entries(grads, state, params)
+  step = OneCallStep(engine, grads, state, params, grad_fn, chunked, extra, entries)
   if decision is None:
     direction, ascent_state, correction_state, aux = step.perturbed_step(None)
   else:
@@ -182,16 +210,16 @@ def one_call_update(engine: Engine, grads, state, params, returns_aux, *, grad_f
   new_state = SharpnessAwareState(
       count=increment(state.count), ascent_state=ascent_state,
       correction_state=correction_state, inner_state=inner_state,
-      cadence_state=cadence_state, pending=state.pending)
+      cadence_state=cadence_state, mask_state=mask_state, pending=state.pending)
   return updates, new_state, aux
 
 
 class OneCallStep:
   """The branches of one one-call step: with the perturbed pass, and without it."""
 
-  def __init__(self, engine: Engine, grads, state, params, grad_fn, chunked, extra):
+  def __init__(self, engine: Engine, grads, state, params, grad_fn, chunked, extra, entries):
     self.engine, self.grads, self.state, self.params = engine, grads, state, params
-    self.grad_fn, self.chunked, self.extra = grad_fn, chunked, extra
+    self.grad_fn, self.chunked, self.extra, self.entries = grad_fn, chunked, extra, entries
     self.eager, self.returns_aux = False, False
     # Called with concrete arrays (not under a trace), the sequential strategy loops in Python
     # rather than compiling a lax.scan over a fresh closure on every call.
@@ -215,7 +243,7 @@ class OneCallStep:
     eps, ascent_state = engine.perturb(
         engine.parallel.ascent_input(clean_grads), state.ascent_state, params,
         dict(self.extra, grad_fn=ascent_grad_fn, count=state.count,
-             inner_state=state.inner_state))
+             inner_state=state.inner_state), self.entries)
     if engine.linearize:
       grads_adv, aux, grads_at_params = evaluate.linearized(params, clean_grads, eps)
       # What grad_fn returned is not in g + H eps (a constant NaN has no derivative): carry

@@ -36,6 +36,7 @@ class SharpnessAwareState(NamedTuple):
   correction_state: Any    # state of the descent correction (EmptyState when there is none).
   inner_state: Any         # state of the wrapped optimizer; advances on descent steps only.
   cadence_state: CadenceState  # states of the window and the cadence; advance once per step.
+  mask_state: Any          # state of an element-wise Mask piece; None without one.
   pending: PendingDescent | None  # two-call form only; None in the one-call form.
 
 

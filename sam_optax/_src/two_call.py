@@ -54,11 +54,12 @@ def two_call_update(engine: Engine, keeps_clean_grads: bool, grads, state, param
 def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
   """eps = A(g) on a perturbed step, zero on the others; the inner state does not move."""
   decision, cadence_state = engine.decide(grads, state, params)
+  entries, mask_state = engine.mask_entries(grads, state, params)
 
   def with_perturbation(_):
     eps, ascent_state = engine.perturb(
         engine.parallel.ascent_input(grads), state.ascent_state, params,
-        dict(extra, count=state.count, inner_state=state.inner_state))
+        dict(extra, count=state.count, inner_state=state.inner_state), entries)
     if engine.ascent_reads_grads:
       # A NaN eps reaches the descent call's updates, w - (w + eps) + Opt(d), whatever the
       # gradient at w + eps: the pair's updates carry a non-finite g.
@@ -74,7 +75,7 @@ def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
     eps, ascent_state = control.cond(decision.perturbed, with_perturbation,
                                      without_perturbation, None)
   new_state = state._replace(ascent_state=ascent_state, cadence_state=cadence_state,
-                             pending=None)
+                             mask_state=mask_state, pending=None)
   return tree.cast_like(eps, params), new_state, decision
 
 
@@ -116,5 +117,5 @@ def _descent_call(engine: Engine, mean_grads, state, params, extra):
   new_state = SharpnessAwareState(
       count=increment(state.count), ascent_state=state.ascent_state,
       correction_state=correction_state, inner_state=inner_state,
-      cadence_state=state.cadence_state, pending=None)
+      cadence_state=state.cadence_state, mask_state=state.mask_state, pending=None)
   return updates, new_state, decision
