@@ -30,7 +30,8 @@ class SkipIfNonfiniteState(NamedTuple):
   inner_state: Any            # the wrapped transformation's state.
   # Two-call form only (None otherwise):
   skip_descent: jax.Array | None  # bool scalar: the next call ends a pair whose ascent was skipped.
-  saved_ascent_state: Any         # the ascent state from before the pending pair's ascent call.
+  saved_before_pair: Any  # what the pending pair's ascent call changed, as it was before it
+                          # (see _changed_by_ascent_call), restored if the pair is rejected.
 
 
 def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: int
@@ -112,8 +113,8 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
         inner_state=inner_state,
         skip_descent=jnp.zeros([], jnp.bool_) if two_call else None,
         # _is_two_call found a SharpnessAwareState (the two-call form) in inner_state.
-        saved_ascent_state=(jax.tree.map(jnp.copy, cast(Any, inner_state).ascent_state)
-                            if two_call else None))
+        saved_before_pair=(jax.tree.map(jnp.copy, _changed_by_ascent_call(inner_state))
+                           if two_call else None))
 
   def counters(finite, state):
     """(apply the step?, consecutive count, total count) as in optax.apply_if_finite."""
@@ -163,22 +164,23 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
       finite = finite & (state.last_finite | jnp.logical_not(descending))
 
       def accepted():
-        saved = control.cond(descending, lambda: state.saved_ascent_state,
-                             lambda: sam_state.ascent_state)
+        saved = control.cond(descending, lambda: state.saved_before_pair,
+                             lambda: _changed_by_ascent_call(sam_state))
         return updates, new_sam_state, jnp.zeros([], jnp.bool_), saved
 
       def ascent_rejected():
         return (optax.tree.zeros_like(updates), sam_state, jnp.ones([], jnp.bool_),
-                state.saved_ascent_state)
+                state.saved_before_pair)
 
       def descent_rejected():
         pending = sam_state.pending
         back = jax.tree.map(lambda w, p, u: (w - p).astype(u.dtype), pending.clean_params,
                             params, updates)
+        fields, decision = state.saved_before_pair
         before_pair = sam_state._replace(
-            ascent_state=state.saved_ascent_state,
-            pending=pending._replace(descending=jnp.zeros([], jnp.bool_)))
-        return back, before_pair, jnp.zeros([], jnp.bool_), state.saved_ascent_state
+            **fields, pending=pending._replace(descending=jnp.zeros([], jnp.bool_),
+                                               decision=decision))
+        return back, before_pair, jnp.zeros([], jnp.bool_), state.saved_before_pair
 
       updates, new_sam_state, skip_descent, saved = control.cond(
           accept, accepted,
@@ -202,6 +204,20 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
   if with_aux is not None:
     update_with_aux = one_call(with_aux)
   return engine.SharpnessAwareTransformation(init, update, update_with_aux, has_aux)
+
+
+# The fields of a two-call state that only descent calls advance.
+_DESCENT_FIELDS = ("count", "inner_state", "correction_state", "pending")
+
+
+def _changed_by_ascent_call(sam_state: Any) -> tuple[dict[str, Any], Any]:
+  """What an ascent call changes in a two-call state: every field but `_DESCENT_FIELDS` (the
+  ascent's, the cadence's, ... states), and the pending decision (None without window or
+  cadence). Saved before the call, so that a rejected pair leaves the state as it was, as a
+  skipped one-call step does (a random cadence's key, for one, does not advance)."""
+  fields = {name: value for name, value in sam_state._asdict().items()
+            if name not in _DESCENT_FIELDS}
+  return fields, sam_state.pending.decision
 
 
 def _all_finite(tree_: Any) -> jax.Array:
