@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Hashable, Mapping
-from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Union,
-                    Unpack, overload)
+from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Unpack,
+                    overload)
 
 import optax
 
 from sam_optax._src import ascents, cadences, corrections, engine
+from sam_optax._src.ascents import Radius
 from sam_optax._src.hyperparams import ScalarOrSchedule
 from sam_optax._src.hyperparams import _concrete
 from sam_optax._src.transformation import SharpnessAwareTransformation
@@ -86,12 +87,6 @@ assert tuple(SHARED_DEFAULTS) == tuple(SharedOptions.__annotations__), "keep the
 # Each constructor's docstring names the shared options with this entry, which the runtime
 # docstring (`help()`, API docs) replaces by `SharedOptions`' documentation of each.
 _OPTIONS_ENTRY = "    **options: the options every variant shares (`SharedOptions`)"
-
-# A radius per leaf or one for all, as `sam`, `usam`, `unified_sam` and `ssam` take it:
-# `ascents.Radius` (a float or schedule, or a pytree prefix of the params) with list and tuple
-# for its sequences, so that a string (also a Sequence) is a type error: pyright flags
-# `rho="big"`.
-PerLeafRadius = Union[ScalarOrSchedule, Mapping[Any, Any], list[Any], tuple[Any, ...]]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -194,7 +189,7 @@ def _radius_may_vanish(hparams: dict) -> bool:
 
 
 @variant
-def sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
+def sam(inner: optax.GradientTransformation, rho: Radius = 0.05,
         **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Sharpness-Aware Minimization.
 
@@ -253,7 +248,7 @@ def sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
 
 
 @variant
-def usam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
+def usam(inner: optax.GradientTransformation, rho: Radius = 0.05,
          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unnormalized SAM (USAM).
 
@@ -292,7 +287,7 @@ def usam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
 
 
 @variant
-def unified_sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
+def unified_sam(inner: optax.GradientTransformation, rho: Radius = 0.05,
                 lam: ScalarOrSchedule = 0.5,
                 **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Unified SAM: a convex combination of USAM's and SAM's perturbations.
@@ -329,7 +324,7 @@ def unified_sam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
 
 
 @variant(renormalize=True)
-def ssam(inner: optax.GradientTransformation, rho: PerLeafRadius = 0.05,
+def ssam(inner: optax.GradientTransformation, rho: Radius = 0.05,
          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
   r"""Stable SAM: SAM whose descent direction keeps the clean gradient's norm.
 
