@@ -56,6 +56,16 @@ class Engine:
     self.window, self.cadence, self.mask, self.has_aux = window, cadence, mask, has_aux
     self.chunk_size, self.chunk_strategy = chunk_size, chunk_strategy
     self.parallel, self.param_axis_name = parallel, param_axis_name
+    # Options kept as flags, as no general piece covers them yet:
+    # - linearize: how g_adv is obtained (g + H eps by one HVP instead of grad_fn at w + eps),
+    #   used by penalty SAM only; its natural home is an evaluation piece beside
+    #   GradientEvaluator, which no second variant needs yet.
+    # - ascent_reads_grads: a property of the ascent (Momentum-SAM, random SAM and bSAM ignore
+    #   g) that the engine must know before calling it, to leave g unread (dead code under
+    #   jit) and out of the non-finite check; it belongs on the ascent transformation itself.
+    # - exact_at_zero: a cost choice, not a rule: keep g through the pass to hand it back bit
+    #   for bit at eps = 0, decided by build_variant from the concreteness of the radii.
+    # - decoupled: WSAM's term added after the inner optimizer, the one piece acting there.
     self.linearize, self.ascent_reads_grads = linearize, ascent_reads_grads
     self.exact_at_zero, self.decoupled = exact_at_zero, decoupled
     # Whether some steps skip the perturbed pass (then decided at run time, in a lax.cond).
