@@ -52,7 +52,7 @@ class Cadence(NamedTuple):
     return take
 
 
-def from_function(fn: Callable[[jax.Array], jax.Array]) -> Cadence:
+def from_function(fn: Callable[[jax.Array], Any]) -> Cadence:
   r"""A stateless cadence from a function of the step count returning a boolean scalar.
 
   .. math::

@@ -342,10 +342,11 @@ def _wrapper_codes() -> dict:
   detects: `MultiSteps.update`, and `apply_if_finite` with the closures it defines."""
   codes = {}
   multisteps_update = getattr(getattr(optax, "MultiSteps", None), "update", None)
-  if getattr(multisteps_update, "__code__", None) is not None:
-    codes[multisteps_update.__code__] = "MultiSteps"
-  apply_if_finite = getattr(optax, "apply_if_finite", None)
-  pending = [apply_if_finite.__code__] if hasattr(apply_if_finite, "__code__") else []
+  multisteps_code = getattr(multisteps_update, "__code__", None)
+  if multisteps_code is not None:
+    codes[multisteps_code] = "MultiSteps"
+  apply_if_finite_code = getattr(getattr(optax, "apply_if_finite", None), "__code__", None)
+  pending = [apply_if_finite_code] if apply_if_finite_code is not None else []
   while pending:  # the function and its nested closures (init, update, their branches)
     code = pending.pop()
     codes[code] = "apply_if_finite"

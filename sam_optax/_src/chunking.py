@@ -28,6 +28,7 @@ def split(batch: Any, chunk_size: int) -> Any:
     raise ValueError(f"Every leaf of the batch needs the same leading (example) axis; got leading "
                      f"sizes {sorted(map(str, sizes))}.")
   (n,) = sizes
+  assert n is not None  # excluded above; for type checkers
   if n == 0:
     raise ValueError(f"The batch is empty (leading axis of size 0): m-sharpness with "
                      f"chunk_size={chunk_size} needs at least one chunk of {chunk_size} "
@@ -145,7 +146,7 @@ def _chunk_mean(x):
   chunk axis sharded over an explicit mesh cannot be sliced: there the reduction is kept.
   """
   acc = x.astype(_sum_dtype(x.dtype))
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+  spec: Any = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
   if len(spec) and spec[0] is not None:
     return jnp.mean(acc, axis=0).astype(x.dtype)
   k = acc.shape[0]
@@ -165,7 +166,7 @@ def _chunk_mean(x):
 def _first(x):
   """`x[0]`. Under an explicit-axes mesh (`jax.make_mesh`'s default) a chunk axis sharded over
   devices cannot be sliced: the (small: counts, keys) leaf is replicated first."""
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+  spec: Any = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
   if len(spec) and spec[0] is not None and hasattr(jax.sharding, "reshard"):
     x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
   return x[0]

@@ -19,6 +19,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.core import Tracer
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,14 +32,14 @@ def is_concrete(value: Any) -> bool:
   """
   if isinstance(value, (bool, np.bool_)):
     return True
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, Tracer):
     return False
   return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
 
 
 def is_concrete_tree(tree: Any) -> bool:
   """Whether no leaf of `tree` is a tracer: the values are known, as in eager code."""
-  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+  return not any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any],
@@ -139,9 +140,9 @@ def eager_jit(fn: Callable[..., Any] | None = None, *,
   def wrapper(*args, **kwargs):
     dynamic = (args, {k: v for k, v in kwargs.items() if k not in static_argnames})
     for leaf in jax.tree.leaves(dynamic):
-      if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, _ARRAY_TYPES):
+      if isinstance(leaf, Tracer) or not isinstance(leaf, _ARRAY_TYPES):
         return fn(*args, **kwargs)
     return jitted(*args, **kwargs)
 
-  wrapper.jitted = jitted
+  setattr(wrapper, "jitted", jitted)  # read by tests: wrapper.jitted._cache_size()
   return wrapper

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.core import Tracer
 
 from sam_optax._src import cadences
 from sam_optax._src import checks
@@ -372,7 +373,7 @@ def _on_params_mesh(state, params):
   unsharded params the state is returned as is.
   """
   meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(params)
-            if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+            if isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer)
             and isinstance(leaf.sharding, jax.sharding.NamedSharding)}
   if len(meshes) != 1:
     return state
@@ -381,7 +382,7 @@ def _on_params_mesh(state, params):
     return state
 
   def place(leaf):
-    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer)
         and isinstance(leaf.sharding, jax.sharding.SingleDeviceSharding)):
       return jax.device_put(leaf, replicated)
     return leaf
