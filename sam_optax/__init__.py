@@ -73,8 +73,9 @@ from sam_optax._src.corrections import renormalize
 from sam_optax._src.corrections import surrogate_gap
 from sam_optax._src.corrections import weighted_sharpness
 
-# Cadences (which steps take the perturbed pass) and masks (which leaves are perturbed).
+# Cadences (which steps take the perturbed pass) and masks (which entries are perturbed).
 from sam_optax._src import cadences
+from sam_optax._src.masks import Mask
 from sam_optax._src.masks import normalization_mask
 
 # ESAM's data selection, and skipping non-finite steps.
@@ -113,6 +114,7 @@ __all__ = [
     "momentum_sam",
     "multistep_ascent",
     "multistep_sam",
+    "Mask",
     "normalization_mask",
     "normalized_ascent",
     "NormEstimateState",

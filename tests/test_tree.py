@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sam_optax._src import tree
@@ -55,7 +56,7 @@ def test_scale_multiplies_in_the_wider_dtype_and_keeps_the_leafs():
 def test_select_and_cast_like_match_plain_jnp():
   a, b = _params(), _perturbation()
   for pred in (True, False):
-    got = jax.jit(tree.select)(jnp.asarray(pred), a, tree.cast_like(b, a))
+    got = jax.jit(tree.select)(jnp.asarray(pred), a, optax.tree.cast_like(b, a))
     for name in a:
       want = a[name] if pred else b[name].astype(a[name].dtype)
       assert got[name].dtype == a[name].dtype

@@ -647,12 +647,12 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
     factor = value_at(rho, _step(state.count, count)) * tree.safe_inverse(
         tree.norm(tg, axis_name=param_axis_name))
     eps = tree.scale(factor, jax.tree.map(lambda a, b: a * b, t, tg))
-    return tree.cast_like(eps, grads), AscentCountState(_increment(state.count))
+    return optax.tree.cast_like(eps, grads), AscentCountState(_increment(state.count))
 
   return _ascent(init, update)
 
 
-def lr_proportional_rho(learning_rate: ScalarOrSchedule, rho_max: float, rho_min: float,
+def lr_proportional_rho(learning_rate: ScalarOrSchedule | None, rho_max: float, rho_min: float,
                         lr_max: float | None = None, lr_min: float | None = None):
   r"""GSAM's radius schedule: rho moves with the learning rate between rho_min and rho_max.
 
@@ -695,7 +695,7 @@ def lr_proportional_rho(learning_rate: ScalarOrSchedule, rho_max: float, rho_min
                      "final value), e.g. lr_max=peak_value, lr_min=end_value for "
                      "optax.warmup_cosine_decay_schedule: rho follows the learning rate "
                      "between them.")
-  if lr_max is None or lr_min is None:
+  if learning_rate is None or lr_max is None or lr_min is None:
     return lambda count: jnp.asarray(rho_max)
   # The schedule's output is checked where it is used (the ascent's rho), at every step.
   check_hparam("lr_max", lr_max, hint="lr_max is the learning rate schedule's peak value.")
@@ -822,9 +822,9 @@ def friendly_ascent(rho: Radius = 0.05, sigma: ScalarOrSchedule = 1.0,
     new_m = jax.tree.map(
         lambda x, y: jnp.where(first, x, decay.astype(x.dtype) * y
                                + (1 - decay).astype(x.dtype) * x), g, m)
-    return (tree.cast_like(scale_by_radius(rho, step, inverse, direction), grads),
+    return (optax.tree.cast_like(scale_by_radius(rho, step, inverse, direction), grads),
             AverageState(_increment(state.count),
-                         tree.cast_like(new_m, state.average)))
+                         optax.tree.cast_like(new_m, state.average)))
 
   return _ascent(init, update)
 
@@ -876,8 +876,8 @@ def variance_suppressed_ascent(rho: Radius = 0.05, theta: ScalarOrSchedule = 0.9
         lambda x, y: jnp.where(first, x, (1 - th).astype(x.dtype) * y.astype(x.dtype)
                                + th.astype(x.dtype) * x), g, state.average)
     inverse = tree.safe_inverse(tree.norm(d, axis_name=param_axis_name))
-    return (tree.cast_like(scale_by_radius(rho, step, inverse, d), grads),
-            AverageState(_increment(state.count), tree.cast_like(d, state.average)))
+    return (optax.tree.cast_like(scale_by_radius(rho, step, inverse, d), grads),
+            AverageState(_increment(state.count), optax.tree.cast_like(d, state.average)))
 
   return _ascent(init, update)
 
@@ -934,7 +934,7 @@ def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> optax.GradientTransformation
     delta = jax.tree.map(lambda w, p: w.astype(acc) - p.astype(acc), params, state.previous)
     factor = value_at(rho, _step(state.count, count)) * tree.safe_inverse(
         tree.norm(delta, axis_name=param_axis_name))
-    eps = tree.cast_like(tree.scale(factor, delta), params)
+    eps = optax.tree.cast_like(tree.scale(factor, delta), params)
     return eps, PreviousParamsState(_increment(state.count),
                                     jax.tree.map(jnp.copy, params))
 
@@ -997,7 +997,7 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
     quad, scale_g, scale_f = tree.scaled_vdot(g, f_inv_g, axis_name=param_axis_name)
     root = jnp.sqrt(quad) * jnp.sqrt(scale_g) * jnp.sqrt(scale_f)
     factor = value_at(rho, step) * tree.safe_inverse(root)
-    return (tree.cast_like(tree.scale(factor, f_inv_g), grads),
+    return (optax.tree.cast_like(tree.scale(factor, f_inv_g), grads),
             AscentCountState(_increment(state.count)))
 
   return _ascent(init, update)

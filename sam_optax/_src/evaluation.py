@@ -115,7 +115,7 @@ class GradientEvaluator:
   def linearized(self, params, clean_grads, eps):
     """`(g + H(params) eps, aux at params, grad_fn's value at params)`: one forward-over-reverse
     Hessian-vector product."""
-    (grads, aux), (hessian_eps, _) = jax.jvp(self, (params,), (tree.cast_like(eps, params),))
+    (grads, aux), (hessian_eps, _) = jax.jvp(self, (params,), (optax.tree.cast_like(eps, params),))
     return tree.add(clean_grads, hessian_eps), aux, grads
 
 

@@ -76,7 +76,7 @@ def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
                                      without_perturbation, None)
   new_state = state._replace(ascent_state=ascent_state, cadence_state=cadence_state,
                              mask_state=mask_state, pending=None)
-  return tree.cast_like(eps, params), new_state, decision
+  return optax.tree.cast_like(eps, params), new_state, decision
 
 
 def _descent_call(engine: Engine, mean_grads, state, params, extra):
