@@ -83,6 +83,34 @@ def run(tx, problem, steps, *, grad_fn=None, clean=True, **update_kwargs):
   return path, state, step
 
 
+def form_step(tx, grad_fn, two_call):
+  """One jitted step `(params, state) -> (params, state)` of `tx` on the gradient `grad_fn`: one
+  call with `grad_fn=` (one-call form), or the ascent call at w then the descent call at w + eps
+  (two-call form)."""
+  @jax.jit
+  def step(params, state):
+    if two_call:
+      for _ in range(2):
+        updates, state = tx.update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+      return params, state
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def two_leaf_loss(p):
+  """A non-convex loss on two leaves ("a": 5 entries, "b": 3) that couples them."""
+  return (jnp.sum(jnp.cos(1.3 * p["a"]) * p["a"] ** 2)
+          + jnp.sum(jnp.tanh(p["b"]) ** 2) * (1.0 + jnp.sum(p["a"] ** 2)))
+
+
+def two_leaf_params(dtype):
+  """The starting point of `two_leaf_loss`."""
+  return {"a": jnp.linspace(-1.0, 1.5, 5, dtype=dtype),
+          "b": jnp.arange(3, dtype=dtype) * 0.4 - 0.3}
+
+
 def trajectory(tx, problem, steps, **kwargs):
   """The params after each of `steps` jitted steps (see `run`)."""
   return run(tx, problem, steps, **kwargs)[0]

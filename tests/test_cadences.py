@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import sam_optax
+from tests import problems
 
 Cadence = sam_optax.cadences.Cadence
 
@@ -49,14 +50,7 @@ def above_mean_cadence(decay):
   return Cadence(init, update, reads_grads=True)
 
 
-def loss(p):
-  return (jnp.sum(jnp.cos(1.3 * p["a"]) * p["a"] ** 2)
-          + jnp.sum(jnp.tanh(p["b"]) ** 2) * (1.0 + jnp.sum(p["a"] ** 2)))
-
-
-def initial(dtype):
-  return {"a": jnp.linspace(-1.0, 1.5, 5, dtype=dtype),
-          "b": jnp.arange(3, dtype=dtype) * 0.4 - 0.3}
+loss, initial = problems.two_leaf_loss, problems.two_leaf_params
 
 
 def reference(dtype, decide):

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import sam_optax
+from tests import problems
 
 # Leaves named like moments: a dict key `nu` or `mu` of the params is not a state field.
 PARAMS = {"nu": jnp.asarray([1.0, -2.0, 0.5], jnp.float32),
@@ -201,15 +202,7 @@ def test_an_ascent_preconditioned_by_adams_nu(inner, two_call, dtype):
                                  two_call=two_call)
   grad = jax.grad(loss)
 
-  @jax.jit
-  def step(params, state):
-    if two_call:  # the ascent call at w, then the descent call at w + eps
-      for _ in range(2):
-        updates, state = tx.update(grad(params), state, params)
-        params = optax.apply_updates(params, updates)
-      return params, state
-    updates, state = tx.update(grad(params), state, params, grad_fn=grad)
-    return optax.apply_updates(params, updates), state
+  step = problems.form_step(tx, grad, two_call)
 
   state, ours = tx.init(params), []
   w = params

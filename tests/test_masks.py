@@ -14,7 +14,8 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax._src.masks import Mask
+Mask = sam_optax.Mask
+from tests import problems
 
 RHO, LR, STEPS, PERIOD, KEEP = 0.1, 0.05, 6, 2, 3
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
@@ -42,14 +43,7 @@ def score_mask(period, k):
   return Mask(init, update, reads_grads=True)
 
 
-def loss(p):
-  return (jnp.sum(jnp.cos(1.3 * p["a"]) * p["a"] ** 2)
-          + jnp.sum(jnp.tanh(p["b"]) ** 2) * (1.0 + jnp.sum(p["a"] ** 2)))
-
-
-def initial(dtype):
-  return {"a": jnp.linspace(-1.0, 1.5, 5, dtype=dtype),
-          "b": jnp.arange(3, dtype=dtype) * 0.4 - 0.3}
+loss, initial = problems.two_leaf_loss, problems.two_leaf_params
 
 
 def reference(dtype):

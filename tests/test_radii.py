@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import sam_optax
+from tests import problems
 
 TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
 LR, MOMENTUM, STEPS = 0.1, 0.9, 4
@@ -42,15 +43,7 @@ def run(ascent, params, loss, two_call):
   tx = sam_optax.sharpness_aware(optax.sgd(LR, momentum=MOMENTUM), ascent, two_call=two_call)
   grad = jax.grad(loss)
 
-  @jax.jit
-  def step(params, state):
-    if two_call:  # the ascent call at w, then the descent call at w + eps
-      for _ in range(2):
-        updates, state = tx.update(grad(params), state, params)
-        params = optax.apply_updates(params, updates)
-      return params, state
-    updates, state = tx.update(grad(params), state, params, grad_fn=grad)
-    return optax.apply_updates(params, updates), state
+  step = problems.form_step(tx, grad, two_call)
 
   state, path = tx.init(params), []
   for _ in range(STEPS):
