@@ -109,6 +109,6 @@ BY_NAME = {v.name: v for v in CATALOGUE}
 # The variants every catalogue-wide test keeps in the fast tier (`-m "not slow"`); tests/conftest.py
 # moves the other variants' cases of such a test to the slow tier, unless the test is marked
 # `whole_catalogue`. Together they reach every piece of the engine: a normalized ascent, a
-# correction (SSAM), a cadence with a stored buffer and a correction reading it (LookSAM), and a
-# random draw with an ascent state (ESAM).
-FAST_TIER = ("sam", "ssam", "looksam", "esam")
+# cadence with a stored buffer and a correction reading it (LookSAM), and a random draw with an
+# ascent state (ESAM). SSAM's renormalization is one more correction: the slow tier has it.
+FAST_TIER = ("sam", "looksam", "esam")

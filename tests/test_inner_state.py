@@ -193,7 +193,8 @@ INNERS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, id="f32", marks=pytest.mark.slow),
+                                   pytest.param(jnp.float64, id="f64")])  # f32: full suite
 @pytest.mark.parametrize("two_call", [False, True], ids=["one_call", "two_call"])
 @pytest.mark.parametrize("inner", list(INNERS))
 def test_an_ascent_preconditioned_by_adams_nu(inner, two_call, dtype):
