@@ -87,10 +87,14 @@ class Engine:
     if not self.scheduled:
       return None, state.cadence_state
 
+    # One average over devices for both pieces (a collective per reader otherwise).
+    reads = any(p is not None and p.reads_grads for p in (self.window, self.cadence))
+    mean_grads = self.parallel.mean(grads) if reads else None
+
     def run(piece, piece_state):
       if piece is None:
         return jnp.asarray(True), piece_state
-      read = self.parallel.mean(grads) if piece.reads_grads else None
+      read = mean_grads if piece.reads_grads else None
       take, piece_state = piece.update(read, piece_state, params, count=state.count,
                                        param_axis_name=self.param_axis_name)
       return jnp.asarray(take, jnp.bool_), piece_state
