@@ -78,18 +78,19 @@ class Engine:
         window=None if self.window is None else self.window.init(params),
         cadence=None if self.cadence is None else self.cadence.init(params))
 
-  def decide(self, grads, state, params) -> tuple[Decision | None, CadenceState]:
+  def reads_clean_gradient(self) -> bool:
+    """Whether a window, cadence or mask piece reads the clean gradient to decide."""
+    pieces = (self.window, self.cadence, self.mask_piece)
+    return any(p is not None and p.reads_grads for p in pieces)
+
+  def decide(self, mean_grads, state, params) -> tuple[Decision | None, CadenceState]:
     """This step's decision and the cadences' next state (None when every step is perturbed).
 
-    A cadence that reads gradients sees the clean gradient averaged over devices, so that
-    every replica decides alike.
+    `mean_grads` is the clean gradient averaged over devices (None when no piece reads it,
+    see `reads_clean_gradient`), so that every replica decides alike.
     """
     if not self.scheduled:
       return None, state.cadence_state
-
-    # One average over devices for both pieces (a collective per reader otherwise).
-    reads = any(p is not None and p.reads_grads for p in (self.window, self.cadence))
-    mean_grads = self.parallel.mean(grads) if reads else None
 
     def run(piece, piece_state):
       if piece is None:
@@ -106,11 +107,12 @@ class Engine:
 
   # -- an element-wise mask -------------------------------------------------------------------
 
-  def mask_entries(self, grads, state, params):
-    """This step's element-wise mask (None without a Mask piece) and the piece's next state."""
+  def mask_entries(self, mean_grads, state, params):
+    """This step's element-wise mask (None without a Mask piece) and the piece's next state;
+    `mean_grads` as in `decide`."""
     if self.mask_piece is None:
       return None, state.mask_state
-    read = self.parallel.mean(grads) if self.mask_piece.reads_grads else None
+    read = mean_grads if self.mask_piece.reads_grads else None
     return self.mask_piece.update(read, state.mask_state, params, count=state.count,
                                   param_axis_name=self.param_axis_name)
 
@@ -209,8 +211,10 @@ def one_call_update(engine: Engine, grads, state, params, returns_aux, *, grad_f
   checks.check_grad_fn(grad_fn, chunked is not None)
   checks.refuse_reserved_keywords(extra)
   grad_fn = engine.parallel.at_varying(checks.explained_signature(grad_fn, chunked is not None))
-  decision, cadence_state = engine.decide(grads, state, params)
-  entries, mask_state = engine.mask_entries(grads, state, params)
+  # One average over devices for every piece that decides from the clean gradient.
+  mean_grads = engine.parallel.mean(grads) if engine.reads_clean_gradient() else None
+  decision, cadence_state = engine.decide(mean_grads, state, params)
+  entries, mask_state = engine.mask_entries(mean_grads, state, params)
   step = OneCallStep(engine, grads, state, params, grad_fn, chunked, extra, entries)
   if decision is None:
     direction, ascent_state, correction_state, aux = step.perturbed_step(None)

@@ -53,8 +53,8 @@ def two_call_update(engine: Engine, keeps_clean_grads: bool, grads, state, param
 
 def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
   """eps = A(g) on a perturbed step, zero on the others; the inner state does not move."""
-  decision, cadence_state = engine.decide(grads, state, params)
-  entries, mask_state = engine.mask_entries(grads, state, params)
+  decision, cadence_state = engine.decide(mean_grads, state, params)
+  entries, mask_state = engine.mask_entries(mean_grads, state, params)
 
   def with_perturbation(_):
     eps, ascent_state = engine.perturb(
