@@ -43,10 +43,12 @@ from sam_optax._src.variants import wsam
 
 # Ascents: optax transformations mapping the clean gradient to the perturbation.
 from sam_optax._src.ascents import adaptive_ascent
+from sam_optax._src.ascents import ascent_reads_grads
 from sam_optax._src.ascents import AdaptiveWeights
 from sam_optax._src.ascents import bayesian_ascent
 from sam_optax._src.ascents import deterministic_normalized_ascent
 from sam_optax._src.ascents import fisher_ascent
+from sam_optax._src.ascents import GradientFreeAscent
 from sam_optax._src.ascents import friendly_ascent
 from sam_optax._src.ascents import hessian_ascent
 from sam_optax._src.ascents import lr_proportional_rho
@@ -89,6 +91,7 @@ __version__ = "0.1.0"
 # exported (tests/test_typing.py checks that it lists every public name).
 __all__ = [
     "adaptive_ascent",
+    "ascent_reads_grads",
     "AdaptiveWeights",
     "asam",
     "bayesian_ascent",
@@ -101,6 +104,7 @@ __all__ = [
     "esam",
     "find_moment",
     "fisher_ascent",
+    "GradientFreeAscent",
     "fisher_sam",
     "friendly_ascent",
     "friendly_sam",

@@ -150,6 +150,31 @@ def test_momentum_sam_evaluates_one_gradient_per_step():
   assert _tanh_count(sam_optax.sam(optax.sgd(0.1), rho=0.05), problem) == 2
 
 
+def test_a_gradient_free_ascent_of_ones_own_leaves_the_clean_gradient_unread():
+  """The engine reads "ignores g" off the ascent: a user's GradientFreeAscent gets what
+  Momentum-SAM gets, and the same ascent built as a plain transformation reads g."""
+  problem = problems.mlp(jnp.float32)
+
+  def init(params):
+    return optax.EmptyState()
+
+  def update(grads, state, params=None, **extra):
+    return jax.tree.map(lambda w: 0.01 * jnp.sign(w), params), state
+
+  free = sam_optax.GradientFreeAscent(init, update)
+  plain = optax.GradientTransformationExtraArgs(init, update)
+  assert not sam_optax.ascent_reads_grads(free) and sam_optax.ascent_reads_grads(plain)
+  assert not sam_optax.ascent_reads_grads(sam_optax.momentum_ascent(0.1))
+  nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), problem.params)
+  for ascent, finite, tanhs in ((free, True, 1), (plain, False, 2)):
+    tx = sam_optax.sharpness_aware(optax.sgd(0.1), ascent)
+    updates, _ = jax.jit(tx.update, static_argnames="grad_fn")(
+        nan_grads, tx.init(problem.params), problem.params, grad_fn=problem.grad_fn())
+    # Unread, a NaN clean gradient leaves the update finite; read, it must show.
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)) == finite
+    assert _tanh_count(tx, problem) == tanhs
+
+
 def _tanh_count(tx, problem):
   def step(params, state):
     grads = jax.grad(problem.loss)(params, problem.batch)

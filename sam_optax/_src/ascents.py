@@ -9,7 +9,7 @@ descent gradient there. Users can chain their own pre-processing in front of an 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Mapping, NamedTuple, Union, cast
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,65 @@ def _ascent(init, update) -> optax.GradientTransformationExtraArgs:
   """The ascent `(init, update)`. `update`'s first parameter is named `grads` (the clean
   gradient) where optax's protocol says `updates`: the same positional argument."""
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _gradient_free_ascent(init, update) -> GradientFreeAscent:
+  """The ascent `(init, update)` that ignores `g`; `update`'s parameters as in `_ascent`."""
+  return GradientFreeAscent(init, update)
+
+
+class GradientFreeAscent(optax.GradientTransformationExtraArgs):
+  r"""An ascent whose perturbation does not read the clean gradient `g` it is handed.
+
+  .. math::
+      \epsilon_t = A(\text{state}_t, w_t) \quad \text{(independent of } g_t)
+
+  Momentum-SAM (the last step), random SAM (Gaussian noise and its own gradient) and bSAM (a
+  posterior sample) build their perturbation without `g`. Built as
+  `GradientFreeAscent(init, update)`, like an `optax.GradientTransformationExtraArgs`, such an
+  ascent tells the engine (`reads_grads = False`) to leave `g` unread: the perturbed pass then
+  never substitutes `g` at `eps = 0` nor tests it for non-finite entries, so under `jax.jit` a
+  clean gradient the caller computed only for this update is dead code and the caller may pass
+  zeros. Any other ascent reads `g` (`sam_optax.ascent_reads_grads` says which).
+
+  Example:
+    >>> import jax, optax, sam_optax
+    >>> noise = sam_optax.GradientFreeAscent(
+    ...     lambda params: optax.EmptyState(),
+    ...     lambda grads, state, params=None, **extra: (
+    ...         jax.tree.map(lambda w: 0.01 * jax.numpy.ones_like(w), params), state))
+    >>> tx = sam_optax.sharpness_aware(optax.sgd(0.1), noise)
+    >>> sam_optax.ascent_reads_grads(noise)
+    False
+
+  References:
+    Becker, Altrock & Risse, *Momentum-SAM*, https://arxiv.org/abs/2401.12033
+  """
+  __slots__ = ()
+  reads_grads: ClassVar[bool] = False
+
+
+def ascent_reads_grads(ascent: optax.GradientTransformation) -> bool:
+  r"""Whether `ascent` reads the clean gradient it is handed: False for a `GradientFreeAscent`.
+
+  .. math::
+      \text{reads}(A) = \neg\, [A \text{ is a GradientFreeAscent}]
+
+  Args:
+    ascent: an ascent transformation.
+
+  Returns:
+    False when `ascent` is a `GradientFreeAscent`, True otherwise.
+
+  Example:
+    >>> import sam_optax
+    >>> sam_optax.ascent_reads_grads(sam_optax.normalized_ascent(0.05))
+    True
+
+  References:
+    Foret et al., *Sharpness-Aware Minimization*, https://arxiv.org/abs/2010.01412
+  """
+  return getattr(ascent, "reads_grads", True)
 
 
 class AscentCountState(NamedTuple):
@@ -888,7 +947,7 @@ class PreviousParamsState(NamedTuple):
   previous: Any     # tree like params: the params at the previous ascent.
 
 
-def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> optax.GradientTransformationExtraArgs:
+def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> GradientFreeAscent:
   r"""Momentum-SAM's ascent: along the last step taken, without a gradient.
 
   .. math::
@@ -938,7 +997,7 @@ def momentum_ascent(rho: ScalarOrSchedule = 0.3) -> optax.GradientTransformation
     return eps, PreviousParamsState(_increment(state.count),
                                     jax.tree.map(jnp.copy, params))
 
-  return _ascent(init, update)
+  return _gradient_free_ascent(init, update)
 
 
 def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
@@ -1011,7 +1070,7 @@ class KeyState(NamedTuple):
 
 def random_smoothing_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedule = 0.01,
                             lam: ScalarOrSchedule = 1.0, seed: int = 0
-                            ) -> optax.GradientTransformationExtraArgs:
+                            ) -> GradientFreeAscent:
   r"""Random SAM's ascent: a Gaussian step, then SAM's step from the gradient there.
 
   .. math::
@@ -1078,7 +1137,7 @@ def random_smoothing_ascent(rho: ScalarOrSchedule = 0.05, sigma: ScalarOrSchedul
                        params)
     return eps, KeyState(_increment(state.count), key)
 
-  return _ascent(init, update)
+  return _gradient_free_ascent(init, update)
 
 
 def stochastic_weight_ascent(rho: ScalarOrSchedule = 0.05, beta: ScalarOrSchedule = 0.6,
@@ -1150,7 +1209,7 @@ class BayesianState(NamedTuple):
 def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
                     b2: ScalarOrSchedule = 0.999, weight_decay: ScalarOrSchedule = 0.0,
                     damping: ScalarOrSchedule = 0.1, init_precision: float = 1.0,
-                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                    seed: int = 0) -> GradientFreeAscent:
   r"""bSAM's ascent: a posterior sample, a precision-scaled SAM step, and the precision update.
 
   .. math::
@@ -1235,7 +1294,7 @@ def bayesian_ascent(rho: ScalarOrSchedule = 0.01, num_data: float | None = None,
                       ).astype(s.dtype), state.precision, g)
     return eps, BayesianState(_increment(state.count), key, precision)
 
-  return _ascent(init, update)
+  return _gradient_free_ascent(init, update)
 
 
 def _at_least_float32(dtype):

@@ -66,7 +66,6 @@ def sharpness_aware(
     average_ascent: bool | None = None,
     param_axis_name: AxisName = None,
     linearize: bool = False,
-    ascent_reads_grads: bool = True,
     exact_at_zero: bool = True,
     decoupled: Callable[[Any, Any, jax.Array], Any] | None = None,
 ) -> SharpnessAwareTransformation:
@@ -132,6 +131,11 @@ def sharpness_aware(
     inner: the optimizer to wrap, e.g. `optax.sgd(0.1, momentum=0.9)`.
     ascent: an optax transformation mapping the clean gradient to the perturbation `eps`
       (see `sam_optax.normalized_ascent`); it receives the params and the update keywords.
+      A `sam_optax.GradientFreeAscent` (Momentum-SAM's, random SAM's, bSAM's) ignores `g`:
+      the engine then leaves `g` unread in the perturbed pass (no substitution at `eps = 0`,
+      no non-finite test), so under `jax.jit` a clean gradient the caller computed only for
+      this update is dead code, and the caller may pass zeros (a correction that reads
+      `clean_grads`, e.g. renormalization, or steps outside a window still use it).
     correction: optional optax transformation mapping `g_adv` (its updates) and the keyword
       `clean_grads=g` to the descent direction (see `sam_optax.renormalize`).
     cadence: optional `sam_optax.cadences.Cadence` (a piece with a state, which may read the
@@ -174,12 +178,6 @@ def sharpness_aware(
       `w + 0 = w` is the caller's own, computed as `g` was (by the same jitted function, it is
       `g` bit for bit), so `g` is not kept for this and the state's structure never depends
       on the radii (a correction or cadence that keeps `g` still selects it).
-    ascent_reads_grads: False for ascents that do not read the clean gradient `g` (they take
-      no gradient, like Momentum-SAM, or evaluate their own, like random SAM and bSAM). The
-      engine then does not substitute `g` for the perturbed gradient when `eps = 0`, so the
-      perturbed pass never reads `g`: under `jax.jit` a clean gradient the caller computed only
-      for this update is dead code, and the caller may pass zeros (a correction that reads
-      `clean_grads`, e.g. renormalization, or steps outside a window still use it).
     decoupled: optional `f(correction_state, params, count) -> update`, added to the inner
       optimizer's update on steps with a perturbed pass (zero on the others), like AdamW's
       decoupled weight decay: the correction leaves a term in its state that bypasses the
@@ -221,7 +219,7 @@ def sharpness_aware(
   would drop it (a loss whose gradient saturates to a finite value at a NaN point, a leaf
   ESAM's draw leaves out); `sam_optax.skip_if_nonfinite` then skips the step. The test reads
   `||g||`, the reduction a normalized ascent already makes, so it costs nothing there. Ascents
-  that ignore `g` (`ascent_reads_grads=False`) leave it unread. Finite gradients of any
+  that ignore `g` (a `GradientFreeAscent`) leave it unread. Finite gradients of any
   magnitude (float32 ones of 1e30 or 1e-25 included) give finite norms and ratios: where a sum
   of squares over- or underflows, it is recomputed with the entries divided by a power of two
   near their largest magnitude (inside a `lax.cond`: one scalar test in the normal range).
@@ -263,8 +261,7 @@ def sharpness_aware(
       inner=inner, ascent=ascent, correction=correction, window=window, cadence=cadence,
       mask=mask, has_aux=has_aux, chunk_size=chunk_size, chunk_strategy=chunk_strategy,
       parallel=DataParallel(axis_name, average_ascent), param_axis_name=param_axis_name,
-      linearize=linearize, ascent_reads_grads=ascent_reads_grads, exact_at_zero=exact_at_zero,
-      decoupled=decoupled)
+      linearize=linearize, exact_at_zero=exact_at_zero, decoupled=decoupled)
   init = functools.partial(_init, engine, two_call, keeps_clean_grads)
   update_with_aux = functools.partial(_update_with_aux, engine, two_call)
   if two_call:

@@ -9,6 +9,7 @@ gets through it. `skip_if_nonfinite` judges the step by its result instead, whic
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -103,107 +104,125 @@ def skip_if_nonfinite(tx: optax.GradientTransformation, max_consecutive_errors: 
   has_aux = getattr(tx, "has_aux", False)
   tx = optax.with_extra_args_support(tx)
 
-  def init(params):
-    inner_state = tx.init(params)
-    two_call = _is_two_call(inner_state)
-    return SkipIfNonfiniteState(
-        notfinite_count=jnp.zeros([], jnp.int32),
-        last_finite=jnp.ones([], jnp.bool_),
-        total_notfinite=jnp.zeros([], jnp.int32),
-        inner_state=inner_state,
-        skip_descent=jnp.zeros([], jnp.bool_) if two_call else None,
-        # _is_two_call found a SharpnessAwareState (the two-call form) in inner_state.
-        saved_before_pair=(jax.tree.map(jnp.copy, _changed_by_ascent_call(inner_state))
-                           if two_call else None))
-
-  def counters(finite, state):
-    """(apply the step?, consecutive count, total count) as in optax.apply_if_finite."""
-    consecutive = jnp.where(finite, jnp.zeros([], jnp.int32),
-                            numerics.safe_increment(state.notfinite_count))
-    total = jnp.where(finite, state.total_notfinite,
-                      numerics.safe_increment(state.total_notfinite))
-    return finite | (consecutive > max_consecutive_errors), consecutive, total
-
-  def one_call(step):
-    def update(grads, state, params=None, **extra):
-      updates, inner_state, aux = step(grads, state.inner_state, params, **extra)
-      finite = _all_finite(updates)
-      accept, consecutive, total = counters(finite, state)
-      updates, inner_state = control.cond(
-          accept, lambda: (updates, inner_state),
-          lambda: (optax.tree.zeros_like(updates), state.inner_state))
-      new_state = SkipIfNonfiniteState(consecutive, finite, total, inner_state, None, None)
-      return updates, new_state, aux
-    return update
-
-  def two_call_update(grads, state, params=None, **extra):
-    sam_state = state.inner_state
-    descending = sam_state.pending.descending
-
-    def rest_of_skipped_pair():
-      # The ascent call of this pair was skipped (params never moved): skip its descent call.
-      return optax.tree.zeros_like(params), state._replace(skip_descent=jnp.zeros([], jnp.bool_))
-
-    def live_call():
-      updates, new_sam_state = tx.update(grads, sam_state, params, **extra)
-      finite = _all_finite(updates)
-      # The counters count pairs, as the one-call form counts steps: a good ascent call leaves
-      # them to the descent call, which ends the pair (resetting the consecutive count only
-      # when the pair was good). A pair whose bad ascent call was applied anyway (after too
-      # many bad pairs) was counted then, and its descent call is applied without counting.
-      ascent_applied_bad = descending & jnp.logical_not(state.last_finite)
-      bad = jnp.logical_not(finite) & jnp.logical_not(ascent_applied_bad)
-      pair_ends_well = descending & finite & state.last_finite
-      consecutive = jnp.where(bad, numerics.safe_increment(state.notfinite_count),
-                              jnp.where(pair_ends_well, jnp.zeros([], jnp.int32),
-                                        state.notfinite_count))
-      total = jnp.where(bad, numerics.safe_increment(state.total_notfinite),
-                        state.total_notfinite)
-      accept = finite | ascent_applied_bad | (consecutive > max_consecutive_errors)
-      # last_finite: the ascent call's own, then (after the descent call) the pair's.
-      finite = finite & (state.last_finite | jnp.logical_not(descending))
-
-      def accepted():
-        saved = control.cond(descending, lambda: state.saved_before_pair,
-                             lambda: _changed_by_ascent_call(sam_state))
-        return updates, new_sam_state, jnp.zeros([], jnp.bool_), saved
-
-      def ascent_rejected():
-        return (optax.tree.zeros_like(updates), sam_state, jnp.ones([], jnp.bool_),
-                state.saved_before_pair)
-
-      def descent_rejected():
-        pending = sam_state.pending
-        back = jax.tree.map(lambda w, p, u: (w - p).astype(u.dtype), pending.clean_params,
-                            params, updates)
-        fields, decision = state.saved_before_pair
-        before_pair = sam_state._replace(
-            **fields, pending=pending._replace(descending=jnp.zeros([], jnp.bool_),
-                                               decision=decision))
-        return back, before_pair, jnp.zeros([], jnp.bool_), state.saved_before_pair
-
-      updates, new_sam_state, skip_descent, saved = control.cond(
-          accept, accepted,
-          lambda: control.cond(descending, descent_rejected, ascent_rejected))
-      return updates, SkipIfNonfiniteState(consecutive, finite, total, new_sam_state,
-                                           skip_descent, saved)
-
-    return control.cond(state.skip_descent, rest_of_skipped_pair, live_call)
-
   def plain_step(grads, inner_state, params=None, **extra):
     updates, inner_state = tx.update(grads, inner_state, params, **extra)
     return updates, inner_state, None
 
   def update(grads, state, params=None, **extra):
     if _is_two_call(state.inner_state):
-      return two_call_update(grads, state, params, **extra)
-    updates, state, _ = one_call(plain_step)(grads, state, params, **extra)
+      return _skip_pair(tx, max_consecutive_errors, grads, state, params, **extra)
+    updates, state, _ = _skip_step(plain_step, max_consecutive_errors, grads, state, params,
+                                   **extra)
     return updates, state
 
   update_with_aux = None
   if with_aux is not None:
-    update_with_aux = one_call(with_aux)
-  return engine.SharpnessAwareTransformation(init, update, update_with_aux, has_aux)
+    update_with_aux = functools.partial(_skip_step, with_aux, max_consecutive_errors)
+  return engine.SharpnessAwareTransformation(functools.partial(_init, tx), update,
+                                             update_with_aux, has_aux)
+
+
+def _init(tx: optax.GradientTransformation, params: Any) -> SkipIfNonfiniteState:
+  inner_state = tx.init(params)
+  two_call = _is_two_call(inner_state)
+  return SkipIfNonfiniteState(
+      notfinite_count=jnp.zeros([], jnp.int32),
+      last_finite=jnp.ones([], jnp.bool_),
+      total_notfinite=jnp.zeros([], jnp.int32),
+      inner_state=inner_state,
+      skip_descent=jnp.zeros([], jnp.bool_) if two_call else None,
+      # _is_two_call found a SharpnessAwareState (the two-call form) in inner_state.
+      saved_before_pair=(jax.tree.map(jnp.copy, _changed_by_ascent_call(inner_state))
+                         if two_call else None))
+
+
+def _skip_step(step, max_consecutive_errors, grads, state, params=None, **extra):
+  """One call of the one-call form: `step` (-> updates, state, aux), kept or skipped whole."""
+  updates, inner_state, aux = step(grads, state.inner_state, params, **extra)
+  finite = _all_finite(updates)
+  # As optax.apply_if_finite: apply a good step, or a bad one after too many in a row.
+  consecutive = jnp.where(finite, jnp.zeros([], jnp.int32),
+                          numerics.safe_increment(state.notfinite_count))
+  total = jnp.where(finite, state.total_notfinite,
+                    numerics.safe_increment(state.total_notfinite))
+  accept = finite | (consecutive > max_consecutive_errors)
+  updates, inner_state = control.cond(
+      accept, lambda: (updates, inner_state),
+      lambda: (optax.tree.zeros_like(updates), state.inner_state))
+  new_state = SkipIfNonfiniteState(consecutive, finite, total, inner_state, None, None)
+  return updates, new_state, aux
+
+
+def _skip_pair(tx, max_consecutive_errors, grads, state, params=None, **extra):
+  """One call of the two-call form: the unit kept or skipped is the pair of calls."""
+  sam_state = state.inner_state
+  descending = sam_state.pending.descending
+
+  def rest_of_skipped_pair():
+    # The ascent call of this pair was skipped (params never moved): skip its descent call.
+    return optax.tree.zeros_like(params), state._replace(skip_descent=jnp.zeros([], jnp.bool_))
+
+  def live_call():
+    updates, new_sam_state = tx.update(grads, sam_state, params, **extra)
+    finite = _all_finite(updates)
+    accept, consecutive, total = _pair_counters(finite, descending, state,
+                                                max_consecutive_errors)
+    # last_finite: the ascent call's own, then (after the descent call) the pair's.
+    finite = finite & (state.last_finite | jnp.logical_not(descending))
+
+    def accepted():
+      saved = control.cond(descending, lambda: state.saved_before_pair,
+                           lambda: _changed_by_ascent_call(sam_state))
+      return updates, new_sam_state, jnp.zeros([], jnp.bool_), saved
+
+    def ascent_rejected():
+      return (optax.tree.zeros_like(updates), sam_state, jnp.ones([], jnp.bool_),
+              state.saved_before_pair)
+
+    def descent_rejected():
+      back, before_pair = _back_before_pair(sam_state, state.saved_before_pair, params, updates)
+      return back, before_pair, jnp.zeros([], jnp.bool_), state.saved_before_pair
+
+    updates, new_sam_state, skip_descent, saved = control.cond(
+        accept, accepted,
+        lambda: control.cond(descending, descent_rejected, ascent_rejected))
+    return updates, SkipIfNonfiniteState(consecutive, finite, total, new_sam_state,
+                                         skip_descent, saved)
+
+  return control.cond(state.skip_descent, rest_of_skipped_pair, live_call)
+
+
+def _pair_counters(finite, descending, state, max_consecutive_errors):
+  """(apply this call?, consecutive count, total count), counting pairs as the one-call form
+  counts steps.
+
+  A good ascent call leaves the counters to the descent call, which ends the pair (resetting
+  the consecutive count only when the pair was good). A pair whose bad ascent call was applied
+  anyway (after too many bad pairs) was counted then, and its descent call is applied without
+  counting.
+  """
+  ascent_applied_bad = descending & jnp.logical_not(state.last_finite)
+  bad = jnp.logical_not(finite) & jnp.logical_not(ascent_applied_bad)
+  pair_ends_well = descending & finite & state.last_finite
+  consecutive = jnp.where(bad, numerics.safe_increment(state.notfinite_count),
+                          jnp.where(pair_ends_well, jnp.zeros([], jnp.int32),
+                                    state.notfinite_count))
+  total = jnp.where(bad, numerics.safe_increment(state.total_notfinite), state.total_notfinite)
+  accept = finite | ascent_applied_bad | (consecutive > max_consecutive_errors)
+  return accept, consecutive, total
+
+
+def _back_before_pair(sam_state, saved_before_pair, params, updates):
+  """A rejected descent call: the updates that return the params to the pair's clean `w`, and
+  the state from before the pair (what its ascent call changed, restored)."""
+  pending = sam_state.pending
+  back = jax.tree.map(lambda w, p, u: (w - p).astype(u.dtype), pending.clean_params, params,
+                      updates)
+  fields, decision = saved_before_pair
+  before_pair = sam_state._replace(
+      **fields, pending=pending._replace(descending=jnp.zeros([], jnp.bool_),
+                                         decision=decision))
+  return back, before_pair
 
 
 # The fields of a two-call state that only descent calls advance.

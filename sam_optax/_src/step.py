@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from sam_optax._src import ascents
 from sam_optax._src import cadences
 from sam_optax._src import checks
 from sam_optax._src import chunking
@@ -40,11 +41,14 @@ class Engine:
 
   def __init__(self, *, inner, ascent, correction, window, cadence, mask, has_aux,
                chunk_size, chunk_strategy, parallel: DataParallel, param_axis_name,
-               linearize, ascent_reads_grads, exact_at_zero, decoupled):
+               linearize, exact_at_zero, decoupled):
     # Without a correction the direction is g_adv itself, which carries any NaN or Inf of
     # g_adv: only a correction (which may drop it) makes the engine check g_adv too.
     self.checks_grads_adv = correction is not None
     self.inner = optax.with_extra_args_support(inner)
+    # A GradientFreeAscent (Momentum-SAM, random SAM, bSAM) ignores g: the perturbed pass then
+    # leaves g unread (dead code under jit) and out of the non-finite check.
+    self.ascent_reads_grads = ascents.ascent_reads_grads(ascent)
     ascent = optax.with_extra_args_support(ascent)
     # A Mask piece (element-wise, stateful) masks the ascent's input and output; a static mask
     # (a tree of bools or a function of params) hands the ascent the selected leaves only.
@@ -60,13 +64,10 @@ class Engine:
     # - linearize: how g_adv is obtained (g + H eps by one HVP instead of grad_fn at w + eps),
     #   used by penalty SAM only; its natural home is an evaluation piece beside
     #   GradientEvaluator, which no second variant needs yet.
-    # - ascent_reads_grads: a property of the ascent (Momentum-SAM, random SAM and bSAM ignore
-    #   g) that the engine must know before calling it, to leave g unread (dead code under
-    #   jit) and out of the non-finite check; it belongs on the ascent transformation itself.
     # - exact_at_zero: a cost choice, not a rule: keep g through the pass to hand it back bit
     #   for bit at eps = 0, decided by build_variant from the concreteness of the radii.
     # - decoupled: WSAM's term added after the inner optimizer, the one piece acting there.
-    self.linearize, self.ascent_reads_grads = linearize, ascent_reads_grads
+    self.linearize = linearize
     self.exact_at_zero, self.decoupled = exact_at_zero, decoupled
     # Whether some steps skip the perturbed pass (then decided at run time, in a lax.cond).
     self.scheduled = window is not None or cadence is not None

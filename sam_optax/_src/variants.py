@@ -25,14 +25,19 @@ from sam_optax._src.transformation import SharpnessAwareTransformation
 
 
 class Pieces(NamedTuple):
-  """What a variant hands to the engine."""
+  """What a variant hands to the engine.
+
+  `metric` and `needs_grad_fn` describe the variant for `build_variant` and never reach the
+  engine: `renormalize=True` needs the variant's own norm (ASAM's `T_w`), and a variant whose
+  pieces call `grad_fn` themselves is refused in the two-call form at construction, not at its
+  first trace. Whether the ascent reads `g` is the ascent's own (`GradientFreeAscent`).
+  """
   ascent: optax.GradientTransformation
   correction: optax.GradientTransformation | None = None
   cadence: engine.Cadence | None = None
   metric: corrections.Metric | None = None   # the norm's weights for renormalization (ASAM)
   linearize: bool = False        # descent gradient g + H eps (one HVP) instead of grad L(w + eps)
   needs_grad_fn: bool = False    # evaluates gradients beyond the perturbed pass: one-call only
-  ascent_reads_grads: bool = True  # False: the ascent ignores g (see engine.sharpness_aware)
   decoupled: Callable | None = None  # (correction_state, params, count) -> added update
 
 
@@ -164,7 +169,7 @@ def build_variant(inner: optax.GradientTransformation, pieces: Pieces, hparams: 
     correction = fix if correction is None else optax.chain(correction, fix)
   return engine.sharpness_aware(
       inner, pieces.ascent, correction=correction, cadence=pieces.cadence,
-      linearize=pieces.linearize, ascent_reads_grads=pieces.ascent_reads_grads,
+      linearize=pieces.linearize,
       exact_at_zero=_radius_may_vanish(hparams), decoupled=pieces.decoupled, **options)
 
 
@@ -861,7 +866,7 @@ def momentum_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.
     Becker, Altrock & Risse, *Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead*, https://arxiv.org/abs/2401.12033
   """
-  pieces = Pieces(ascent=ascents.momentum_ascent(rho), ascent_reads_grads=False)
+  pieces = Pieces(ascent=ascents.momentum_ascent(rho))
   return build_variant(inner, pieces, dict(rho=rho), options, name="momentum_sam")
 
 
@@ -939,7 +944,7 @@ def random_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05
     https://openreview.net/forum?id=htUvh7xPoa
   """
   pieces = Pieces(ascent=ascents.random_smoothing_ascent(rho, sigma, lam, seed),
-                  needs_grad_fn=True, ascent_reads_grads=False)
+                  needs_grad_fn=True)
   return build_variant(inner, pieces, dict(rho=rho, sigma=sigma, lam=lam, seed=seed), options,
                        name="random_sam")
 
@@ -1104,7 +1109,7 @@ def bsam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.01,
   ascent = ascents.bayesian_ascent(rho, num_data, b2, weight_decay, damping, init_precision,
                                    seed)
   descent = corrections.bayesian_descent(b1, weight_decay, init_precision)
-  pieces = Pieces(ascent=ascent, correction=descent, needs_grad_fn=True, ascent_reads_grads=False)
+  pieces = Pieces(ascent=ascent, correction=descent, needs_grad_fn=True)
   return build_variant(inner, pieces, dict(rho=rho, num_data=num_data, b1=b1, b2=b2,
                                            weight_decay=weight_decay, damping=damping,
                                            init_precision=init_precision, seed=seed), options,
