@@ -80,10 +80,11 @@ from sam_optax._src import cadences
 from sam_optax._src.masks import Mask
 from sam_optax._src.masks import normalization_mask
 
-# ESAM's data selection, and skipping non-finite steps.
+# ESAM's and K-SAM's data selection, and skipping non-finite steps.
 from sam_optax._src.nonfinite import skip_if_nonfinite
 from sam_optax._src.nonfinite import SkipIfNonfiniteState
 from sam_optax._src.selection import sharpness_sensitive_grad_fn
+from sam_optax._src.selection import top_k_examples
 
 __version__ = "0.1.0"
 
@@ -140,6 +141,7 @@ __all__ = [
     "step_count_ascent",
     "stochastic_weight_ascent",
     "surrogate_gap",
+    "top_k_examples",
     "unified_ascent",
     "unified_sam",
     "unnormalized_ascent",

@@ -1,4 +1,4 @@
-"""ESAM's sharpness-sensitive data selection, as a `grad_fn` for the engine's perturbed pass."""
+"""Data selection: ESAM's sharpness-sensitive `grad_fn`, and K-SAM's top-k sub-batch."""
 
 from __future__ import annotations
 
@@ -75,3 +75,85 @@ def sharpness_sensitive_grad_fn(per_example_loss: Callable[[Any, Any], jax.Array
     return jax.grad(lambda p: jnp.mean(per_example_loss(p, subset)))(perturbed)
 
   return grad_fn
+
+
+def top_k_examples(per_example_loss: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
+                   k: int) -> Any:
+  r"""K-SAM's data selection: the sub-batch of the `k` examples with the highest loss.
+
+  One forward pass over the batch gives the per-example losses at `w` (under
+  `stop_gradient`: the selection is not differentiated); the `k` largest are kept, in
+  decreasing order of loss,
+
+  .. math::
+    B_k = \operatorname{top}_k \big(\ell_i(w)\big)_{i \in B}, \qquad
+    g = \nabla \frac{1}{k} \sum_{i \in B_k} \ell_i(w), \qquad
+    d = \nabla \frac{1}{k} \sum_{i \in B_k} \ell_i(w + \epsilon),
+
+  and any variant then takes both of its passes on `B_k`: the caller's clean gradient and the
+  `grad_fn` both use the returned sub-batch (with `sam_optax.sam`, this is K-SAM). A step then
+  costs one forward pass on the full batch plus the variant's gradients on `k` examples, instead
+  of on the whole batch.
+
+  Source: the paper's abstract (arXiv:2210.12864): "compute gradients in both stages of SAM on
+  only the top-k samples with highest loss"; third-party summaries agree, and mention the extra
+  forward pass over the full batch. The method section (how the paper chooses `k`) could not be
+  read: `k` is the caller's choice here, one static value for both stages. Ties go to the
+  lower index (`jax.lax.top_k`). A non-finite loss (NaN, either infinity) ranks above every
+  finite one, so a broken example is always selected and the gradients on the sub-batch are
+  non-finite too: never a silently clean step (see `skip_if_nonfinite`).
+
+  Args:
+    per_example_loss: `(params, batch) -> losses`, a vector with one loss per example (the
+      batch's leading axis).
+    params: the params `w` at which the losses are ranked (the clean point).
+    batch: the batch, a tree of arrays sharing a leading example axis of size `n`.
+    k: how many examples to keep, a Python int in `[1, n]`; static, so the sub-batch's shapes
+      are fixed under `jax.jit`.
+
+  Returns:
+    The sub-batch: `batch` with each leaf indexed by the `k` selected examples along its
+    leading axis (same tree structure and dtypes; leading axis `k`).
+
+  Raises:
+    ValueError: `k` is not an int in `[1, n]`, the batch has no arrays or leaves whose leading
+      axes differ, or `per_example_loss` does not return shape `(n,)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_i = lambda p, b: (b[0] @ p['w'] - b[1]) ** 2
+    >>> params = {'w': jnp.ones(3)}
+    >>> batch = (jnp.eye(4, 3), jnp.arange(4.0))
+    >>> sub = sam_optax.top_k_examples(loss_i, params, batch, k=2)
+    >>> sub[1]  # the targets of the two worst-fitted examples
+    Array([3., 0.], dtype=float32)
+    >>> loss = lambda p, b: loss_i(p, b).mean()
+    >>> tx = sam_optax.sam(optax.sgd(0.1), rho=0.05)
+    >>> updates, state = tx.update(jax.grad(loss)(params, sub), tx.init(params), params,
+    ...                            grad_fn=lambda p: jax.grad(loss)(p, sub))
+
+  References:
+    Ni et al., *K-SAM: Sharpness-Aware Minimization at the Speed of SGD*, 2022,
+    https://arxiv.org/abs/2210.12864
+  """
+  leaves = jax.tree.leaves(batch)
+  if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
+    raise ValueError("batch must be a tree of arrays with a leading example axis.")
+  sizes = {jnp.shape(x)[0] for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"every leaf of batch must share the leading example axis; got leading "
+                     f"sizes {sorted(sizes)}.")
+  n = sizes.pop()
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+    raise ValueError(f"k must be a Python int in [1, {n}] (the number of examples kept, out of "
+                     f"the batch's {n}; it fixes the sub-batch's shape), got {k!r}.")
+  losses = jax.lax.stop_gradient(per_example_loss(params, batch))
+  if jnp.shape(losses) != (n,):
+    raise ValueError(f"per_example_loss must return one loss per example, shape ({n},); got "
+                     f"{jnp.shape(losses)}.")
+  # A non-finite loss ranks first, whatever its sign: XLA orders a NaN by its sign bit, and the
+  # NaN of an invalid operation is negative on x86, so it would otherwise sort last and drop the
+  # broken example from both passes without a trace.
+  key = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
+  _, chosen = jax.lax.top_k(key, int(k))
+  return jax.tree.map(lambda x: jnp.take(x, chosen, axis=0), batch)
