@@ -1,8 +1,10 @@
 """Benchmark problems: an MLP, a small ResNet-style CNN and a small Transformer, in Flax Linen.
 
-Each problem is a `Problem(name, params, loss, batch, description)`: `loss(params, batch)` is a
-scalar mean over the batch (so a chunk of the batch is a batch too, for m-sharpness), `batch` is
-a dict of arrays whose leading axis indexes examples. Sizes come in three presets: `smoke` (tiny,
+Each problem is a `Problem(name, params, loss, batch, description, per_example_loss)`:
+`loss(params, batch)` is a scalar mean over the batch (so a chunk of the batch is a batch too,
+for m-sharpness), `per_example_loss(params, batch)` the vector of each example's loss (a
+sequence's mean over its tokens for the Transformer; for K-SAM's selection), `batch` is a dict
+of arrays whose leading axis indexes examples. Sizes come in three presets: `smoke` (tiny,
 for CI), `cpu` (a few milliseconds per SAM step on two CPU cores) and `gpu` (larger models, meant
 for bfloat16 on one accelerator).
 """
@@ -45,6 +47,8 @@ class Problem:
   loss: Callable[[Any, Any], jax.Array]   # loss(params, batch) -> scalar mean over the batch
   batch: dict
   description: str
+  # per_example_loss(params, batch) -> (batch,) losses, whose mean is `loss` (up to rounding)
+  per_example_loss: Callable[[Any, Any], jax.Array] | None = None
 
   @property
   def num_params(self) -> int:
@@ -142,6 +146,13 @@ def _cross_entropy(logits, labels):
   return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
 
+def _per_example_cross_entropy(logits, labels):
+  """Each example's cross-entropy, averaged over its other axes (a sequence's tokens)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  return jnp.mean(nll.reshape(nll.shape[0], -1), axis=1)
+
+
 def make(name: str, preset: str = "cpu", dtype: Any = jnp.float32, seed: int = 0) -> Problem:
   """Builds the problem `name` ("mlp", "cnn" or "transformer") at the size `preset`."""
   if name not in MODELS:
@@ -177,5 +188,8 @@ def make(name: str, preset: str = "cpu", dtype: Any = jnp.float32, seed: int = 0
   def loss(params, batch):
     return _cross_entropy(model.apply({"params": params}, batch["x"]), batch["y"])
 
+  def per_example_loss(params, batch):
+    return _per_example_cross_entropy(model.apply({"params": params}, batch["x"]), batch["y"])
+
   description += f", {jnp.dtype(dtype).name}"
-  return Problem(name, params, loss, batch, description)
+  return Problem(name, params, loss, batch, description, per_example_loss)

@@ -16,7 +16,13 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "overhead.py")
 
 EXPECTED = ("floor", "handwritten", "handwritten_rerun", "optax_sam", "optax_sam_two_call", "sam",
             "sam_two_call", "asam", "gsam", "looksam", "momentum_sam", "msharp_vectorized",
-            "msharp_sequential", "usam2", "husam")
+            "msharp_sequential", "usam2", "husam", "rst", "ae_sam", "ae_looksam", "sampa",
+            "sampa_vmap", "ksam", "partial_ascent")
+# Gradient evaluations per step counted at run time (full-batch units) over the smoke run's
+# steps: exact for the deterministic contenders. LookSAM runs two whole cycles of k = 5.
+COUNTED = {"floor": 1, "handwritten": 2, "sam": 2, "sam_two_call": 2, "optax_sam": 2,
+           "looksam": 1.2, "momentum_sam": 1, "msharp_vectorized": 2, "msharp_sequential": 2,
+           "usam2": 3, "sampa": 2, "sampa_vmap": 2, "ksam": 0.5, "partial_ascent": 1.25}
 
 
 @pytest.mark.slow  # a benchmark run; the full suite runs it
@@ -44,6 +50,13 @@ def test_overhead_smoke(tmp_path):
                "msharp_vectorized", "msharp_sequential"):
     assert contenders[name]["status"] == "ok", name
   assert contenders["sam_two_call"]["calls_per_step"] == 2
+  for name, count in COUNTED.items():  # a missing contender is skipped above
+    if contenders[name]["status"] == "ok":
+      assert contenders[name]["gradients_measured"] == pytest.approx(count), name
+  husam = contenders["husam"]
+  assert (husam["gradients_measured"], husam["hvps_measured"]) == pytest.approx((2, 1))
+  if contenders["rst"]["status"] == "ok":  # off steps evaluate no second gradient
+    assert 1 <= contenders["rst"]["gradients_measured"] <= 2
   assert "targets" not in report["models"]["mlp"]  # smoke mode checks no thresholds
   assert "| sam |" in result.stdout  # the markdown table is printed
 
@@ -64,3 +77,6 @@ def test_models_build():
     assert loss.shape == () and jnp.isfinite(loss), name
     half = jax.tree.map(lambda x: x[: problem.batch_size // 2], problem.batch)
     assert jnp.isfinite(loss_fn(problem.params, half)), name  # a chunk is a batch
+    losses = jax.jit(problem.per_example_loss)(problem.params, problem.batch)  # K-SAM's ranking
+    assert losses.shape == (problem.batch_size,), name
+    assert jnp.allclose(jnp.mean(losses), loss, rtol=1e-5), name
