@@ -20,6 +20,8 @@ from sam_optax._src.transformation import UpdateWithAux
 from sam_optax._src.variants import SharedOptions
 
 # Variants.
+from sam_optax._src.variants import ae_looksam
+from sam_optax._src.variants import ae_sam
 from sam_optax._src.variants import asam
 from sam_optax._src.variants import bsam
 from sam_optax._src.variants import dnsam
@@ -33,6 +35,7 @@ from sam_optax._src.variants import momentum_sam
 from sam_optax._src.variants import multistep_sam
 from sam_optax._src.variants import penalty_sam
 from sam_optax._src.variants import random_sam
+from sam_optax._src.variants import rst
 from sam_optax._src.variants import sam
 from sam_optax._src.variants import ssam
 from sam_optax._src.variants import unified_sam
@@ -94,6 +97,8 @@ __all__ = [
     "adaptive_ascent",
     "ascent_reads_grads",
     "AdaptiveWeights",
+    "ae_looksam",
+    "ae_sam",
     "asam",
     "bayesian_ascent",
     "bayesian_descent",
@@ -129,6 +134,7 @@ __all__ = [
     "random_sam",
     "random_smoothing_ascent",
     "renormalize",
+    "rst",
     "sam",
     "SharedOptions",
     "sharpness_aware",

@@ -80,6 +80,19 @@ CATALOGUE = [
     # which would amplify float32 rounding of the two gradients past the 1e-6 tolerance.
     Variant("looksam", sam_optax.looksam, {"rho": 0.3, "alpha": 0.7},  # k = 5: 4 periods
             lambda h: fref.looksam_direction(h["rho"], 5, h["alpha"]), static_args=("k",)),
+    # Issue 15's cheap cadences. RST's seed 3 draws SAM steps at t = 0..3, a plain one at 4, and
+    # a mix after (both kinds within the 5 steps of the shortest shared test); AE-SAM's
+    # decay 0.5 and threshold -0.5 give both kinds within 5 steps on the MLP and the quadratic,
+    # each decision at least 3e-3 (relative) away from a tie.
+    Variant("rst", functools.partial(sam_optax.rst, seed=3), {"rho": 0.05, "probability": 0.5},
+            lambda h: fref.rst_direction(h["rho"], h["probability"], seed=3),
+            static_args=("seed",)),
+    Variant("ae_sam", sam_optax.ae_sam, {"rho": 0.05, "decay": 0.5, "threshold": -0.5},
+            lambda h: fref.ae_sam_direction(h["rho"], h["decay"], h["threshold"])),
+    Variant("ae_looksam", sam_optax.ae_looksam,
+            {"rho": 0.3, "decay": 0.5, "threshold": -0.5, "alpha": 0.7},
+            lambda h: fref.ae_looksam_direction(h["rho"], h["decay"], h["threshold"],
+                                                h["alpha"])),
     Variant("friendly_sam", sam_optax.friendly_sam, {"rho": 0.05, "sigma": 1.0, "lam": 0.6},
             lambda h: fref.friendly_direction(h["rho"], h["sigma"], h["lam"])),
     Variant("vasso", sam_optax.vasso, {"rho": 0.05, "theta": 0.4},

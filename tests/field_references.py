@@ -202,3 +202,74 @@ def bsam_direction(rho, num_data, b1, b2, delta, damping, s0=1.0, seed=0):
 def flat(tree):
   return ravel_pytree(tree)[0]
 
+
+# --------------------------------------------------- cheap cadences (issue 15): RST, AE-SAM
+
+
+def rst_draw(seed, probability):
+  """RST's draw at step t, redone with jax.random: bernoulli(fold_in(key(seed), t), p_t)."""
+  def take(t):
+    p = probability(t) if callable(probability) else probability
+    return bool(jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p))
+  return take
+
+
+def rst_direction(rho, probability, seed=0):
+  """SAM's direction on the drawn steps, g on the others."""
+  take = rst_draw(seed, probability)
+
+  def direction(grad, w, t):
+    g = grad(w)
+    return grad(w + rho * _unit(g)) if take(t) else g
+  return direction
+
+
+def ae_policy(decay, threshold):
+  """AE-SAM's decision from the plain statistics of n = ||g||^2 (mu, s2 from 0; mean first).
+
+  Stateful: call it once per step, in order. Returns `decide(g, t) -> bool`.
+  """
+  stats = {"mu": 0.0, "s2": 0.0}
+
+  def decide(g, t):
+    c = threshold(t) if callable(threshold) else threshold
+    n = g @ g
+    stats["mu"] = decay * stats["mu"] + (1 - decay) * n
+    stats["s2"] = decay * stats["s2"] + (1 - decay) * (n - stats["mu"]) ** 2
+    return bool(n >= stats["mu"] + c * jnp.sqrt(stats["s2"]))
+  return decide
+
+
+def ae_sam_direction(rho, decay, threshold, taken=None):
+  """SAM's direction where AE-SAM's policy takes it, g elsewhere; `taken` collects the
+  decisions when given."""
+  decide = ae_policy(decay, threshold)
+
+  def direction(grad, w, t):
+    g = grad(w)
+    take = decide(g, t)
+    if taken is not None:
+      taken.append(take)
+    return grad(w + rho * _unit(g)) if take else g
+  return direction
+
+
+def ae_looksam_direction(rho, decay, threshold, alpha, taken=None):
+  """LookSAM's SAM step (storing g_v) where AE-SAM's policy takes it, its reuse elsewhere."""
+  decide = ae_policy(decay, threshold)
+  g_v = [None]
+
+  def direction(grad, w, t):
+    g = grad(w)
+    take = decide(g, t)
+    if taken is not None:
+      taken.append(take)
+    if take:
+      g_adv = grad(w + rho * _unit(g))
+      delta = g_adv - g
+      g_v[0] = delta - _ratio(delta @ g, g @ g) * g
+      return g_adv
+    if g_v[0] is None:
+      return g
+    return g + alpha * _ratio(jnp.linalg.norm(g), jnp.linalg.norm(g_v[0])) * g_v[0]
+  return direction

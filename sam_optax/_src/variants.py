@@ -15,11 +15,13 @@ from collections.abc import Hashable, Mapping
 from typing import (Any, Callable, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, Unpack,
                     overload)
 
+import jax.numpy as jnp
 import optax
 
 from sam_optax._src import ascents, cadences, corrections, engine
 from sam_optax._src.ascents import Radius
 from sam_optax._src.hyperparams import ScalarOrSchedule
+from sam_optax._src.hyperparams import check_hparam, value_at
 from sam_optax._src.hyperparams import _concrete
 from sam_optax._src.transformation import SharpnessAwareTransformation
 
@@ -751,6 +753,195 @@ def looksam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05, k
   pieces = Pieces(ascent=ascents.step_count_ascent(rho),
                   correction=corrections.look_ahead_reuse(alpha), cadence=cadences.every(k))
   return build_variant(inner, pieces, dict(rho=rho, k=k, alpha=alpha), options, name="looksam")
+
+
+def _nan_radius_unless_valid(rho: ScalarOrSchedule, *hparams: ScalarOrSchedule
+                             ) -> ScalarOrSchedule:
+  """`rho`, made NaN at the steps where a checked run-time hyperparameter of a cadence is not.
+
+  A cadence returns a boolean, which cannot carry the NaN `check_hparam` substitutes for an
+  invalid run-time value (a schedule's, or one injected under `jit`); the cadences then take
+  the perturbed pass, and this radius makes its perturbation, so the updates, NaN there.
+  Concrete hyperparameters were checked at construction: `rho` is returned as is.
+  """
+  runtime = [h for h in hparams if callable(h)]
+  if not runtime:
+    return rho
+
+  def radius(count):
+    valid = jnp.all(jnp.asarray([jnp.isfinite(value_at(h, count)) for h in runtime]))
+    return jnp.where(valid, value_at(rho, count), jnp.nan)
+  return radius
+
+
+@variant
+def rst(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+        probability: ScalarOrSchedule = 0.5, seed: int = 0,
+        **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
+  r"""Randomized sharpness-aware training (RST): SAM on a random share `p_t` of the steps.
+
+  .. math::
+    b_t \sim \mathrm{Bernoulli}(p_t), \qquad
+    d = \begin{cases} \nabla L(w + \rho_t\, g / \|g\|) & b_t = 1 \\
+                       g & b_t = 0 \end{cases}
+
+  and the inner optimizer steps along `d`. The draw is
+  `jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p_t)`
+  (`sam_optax.cadences.bernoulli`): a function of the seed and the step count, identical on
+  every device and in both calls of the two-call form, and reproducible. A step without the
+  draw is the inner optimizer's own step on `g` (no correction), inside a `lax.cond`, so it
+  evaluates no second gradient at run time: `1 + p_t` gradient evaluations per step in
+  expectation (1.5 at the default). `probability=1` is `sam` exactly and `probability=0` the
+  inner optimizer exactly. `rho`'s schedule, like `p_t`'s, follows the training step (the
+  engine's count), drawn or not.
+
+  Source: the paper's abstract (both arXiv versions; v1 is titled SS-SAM): a Bernoulli trial
+  with a scheduled probability picks SAM or the base optimizer at every iteration. Its four
+  schedules (constant, piecewise, linear, trigonometric, per a summary of v1) are optax
+  schedules of the step here, e.g. `optax.linear_schedule(0.2, 0.8, total_steps)`. G-RST (the
+  paper's generalized form) is not implemented: its rule could not be read.
+
+  Args:
+    inner: the optimizer that takes the descent step.
+    rho: the radius (SAM's; 0.05 from scratch); a float or a schedule of the step count.
+    probability: `p_t`, the chance of a sharpness-aware step, in `[0, 1]`; a float or a
+      schedule of the step count. A run-time value outside `[0, 1]` makes the updates NaN.
+    seed: the draws' seed, a Python int (list it in `static_args` under
+      `optax.inject_hyperparams`).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, `chunk_size`, ...
+
+  Returns:
+    A `SharpnessAwareTransformation`.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> tx = sam_optax.rst(optax.sgd(0.1, momentum=0.9), rho=0.05, probability=0.5, seed=0)
+
+  References:
+    Zhao, Zhang & Hu, *Randomized Sharpness-Aware Training for Boosting Computational
+    Efficiency in Deep Learning*, 2022, https://arxiv.org/abs/2203.09962
+  """
+  probability = check_hparam("probability", probability, low=0.0, high=1.0,
+                             hint="probability is the chance of a sharpness-aware step.")
+  pieces = Pieces(ascent=ascents.step_count_ascent(_nan_radius_unless_valid(rho, probability)),
+                  cadence=cadences.bernoulli(probability, seed))
+  return build_variant(inner, pieces, dict(rho=rho, probability=probability, seed=seed),
+                       options, name="rst")
+
+
+def _adaptive_pieces(rho, decay, threshold, correction=None) -> Pieces:
+  """AE-SAM's pieces: SAM's ascent and `cadences.adaptive`, with `correction` (AE-LookSAM)."""
+  decay = check_hparam("decay", decay, low=0.0, high=1.0, high_open=True,
+                       hint="decay weighs the previous statistics of ||g||^2 (paper 0.9).")
+  threshold = check_hparam("threshold", threshold, low=-float("inf"),
+                           hint="threshold is c_t, in moving standard deviations of ||g||^2.")
+  return Pieces(ascent=ascents.step_count_ascent(_nan_radius_unless_valid(rho, decay, threshold)),
+                correction=correction, cadence=cadences.adaptive(decay, threshold))
+
+
+@variant
+def ae_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+           decay: ScalarOrSchedule = 0.9, threshold: ScalarOrSchedule = 0.0,
+           **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
+  r"""AE-SAM: SAM on the steps where `||g||^2` is high for its recent history, else `Opt(g)`.
+
+  .. math::
+    n_t = \|g_t\|^2, \quad \mu_t = \delta \mu_{t-1} + (1 - \delta) n_t, \quad
+    \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta)(n_t - \mu_t)^2, \\
+    d = \begin{cases} \nabla L(w + \rho_t\, g / \|g\|) & n_t \ge \mu_t + c_t \sigma_t \\
+                       g & \text{otherwise} \end{cases}
+
+  (`sam_optax.cadences.adaptive`, whose docstring gives the first step, `mu_{-1} =
+  sigma_{-1}^2 = 0`, and the handling of non-finite gradients). A large `||g||^2` relative to
+  its moving distribution signals a sharp region, where SAM's step is worth its second
+  gradient. The statistics are taken on the clean gradient averaged over devices, so every
+  replica decides alike; in the two-call form the ascent call decides and the descent call
+  follows. Steps without the perturbed pass evaluate no second gradient at run time:
+  `1 + (share of SAM steps)` gradient evaluations per step. Extra state: two float32 scalars.
+
+  Source: NEW-VARIANTS.md section b (two secondary sources that agree; the paper's method
+  section and hyperparameter table could not be read, only its abstract and introduction).
+  Defaults: `decay=0.9` (recalled, not read) and a constant `threshold=0.0`; the paper's `c_t`
+  is linear in `t` from `lambda_2` to `lambda_1` (recalled: 1 to -1), which needs the number of
+  training steps: pass `threshold=optax.linear_schedule(1.0, -1.0, total_steps)`. With a
+  constant threshold the share of SAM steps depends on the gradient's noise (few late SAM
+  steps when `||g||^2` decreases steadily); a schedule that ends negative keeps taking them.
+
+  Args:
+    inner: the optimizer that takes the descent step.
+    rho: the radius (SAM's); a float or a schedule of the step count.
+    decay: `delta`, the decay of the moving mean and variance of `||g||^2`, in `[0, 1)`.
+    threshold: `c_t`, in moving standard deviations; a float (any sign) or a schedule of the
+      step count (e.g. `optax.linear_schedule(1.0, -1.0, total_steps)`, the paper's form).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, ... (not `chunk_size`: the decision needs the whole batch's `g`).
+
+  Returns:
+    A `SharpnessAwareTransformation`.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> tx = sam_optax.ae_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, decay=0.9,
+    ...                       threshold=optax.linear_schedule(1.0, -1.0, 10_000))
+
+  References:
+    Jiang, Yang, Zhang & Kwok, *An Adaptive Policy to Employ Sharpness-Aware Minimization*,
+    ICLR 2023, https://arxiv.org/abs/2304.14647
+  """
+  pieces = _adaptive_pieces(rho, decay, threshold)
+  return build_variant(inner, pieces, dict(rho=rho, decay=decay, threshold=threshold), options,
+                       name="ae_sam")
+
+
+@variant
+def ae_looksam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
+               decay: ScalarOrSchedule = 0.9, threshold: ScalarOrSchedule = 0.0,
+               alpha: ScalarOrSchedule = 0.7,
+               **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
+  r"""AE-LookSAM: LookSAM whose full SAM steps are AE-SAM's adaptive choice, not every `k`.
+
+  On the steps AE-SAM's policy takes (`n_t = ||g||^2 >= mu_t + c_t sigma_t`, see `ae_sam`)
+
+  .. math::
+    \epsilon = \rho \frac{g}{\|g\|}, \quad d = g_{adv} = \nabla L(w + \epsilon), \quad
+    g_v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2} g
+
+  and on the others `d = g + alpha (||g|| / ||g_v||) g_v` with the stored `g_v` (zero before the
+  first SAM step: `d = g` there). Steps without the perturbed pass evaluate no second gradient
+  at run time. Extra state: `g_v` (one param-sized buffer) and two float32 scalars.
+
+  Source: the paper's abstract names AE-LookSAM (the adaptive policy applied to LookSAM); the
+  reuse on the other steps follows LookSAM, per a secondary source only (NEW-VARIANTS.md,
+  section b). Norms are global. Defaults as in `ae_sam` and `looksam`.
+
+  Args:
+    inner: the optimizer that takes the descent step.
+    rho: the radius (SAM's); a float or a schedule of the step count.
+    decay: `delta`, the decay of the moving mean and variance of `||g||^2`, in `[0, 1)`.
+    threshold: `c_t`, in moving standard deviations; a float or a schedule of the step count.
+    alpha: the weight of the reused component (LookSAM's 0.7).
+    **options: the options every variant shares (`SharedOptions`): `renormalize`, `window`,
+      `mask`, `two_call`, ... (not `chunk_size`).
+
+  Returns:
+    A `SharpnessAwareTransformation`.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> tx = sam_optax.ae_looksam(optax.sgd(0.1, momentum=0.9), rho=0.05, alpha=0.7,
+    ...                           threshold=optax.linear_schedule(1.0, -1.0, 10_000))
+
+  References:
+    Jiang, Yang, Zhang & Kwok, *An Adaptive Policy to Employ Sharpness-Aware Minimization*,
+    ICLR 2023, https://arxiv.org/abs/2304.14647
+
+    Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization*, CVPR 2022,
+    https://arxiv.org/abs/2203.02714
+  """
+  pieces = _adaptive_pieces(rho, decay, threshold, corrections.look_ahead_reuse(alpha))
+  return build_variant(inner, pieces, dict(rho=rho, decay=decay, threshold=threshold,
+                                           alpha=alpha), options, name="ae_looksam")
 
 
 @variant
