@@ -37,6 +37,7 @@ from sam_optax._src.variants import penalty_sam
 from sam_optax._src.variants import random_sam
 from sam_optax._src.variants import rst
 from sam_optax._src.variants import sam
+from sam_optax._src.variants import sampa
 from sam_optax._src.variants import ssam
 from sam_optax._src.variants import unified_sam
 from sam_optax._src.variants import usam
@@ -66,6 +67,12 @@ from sam_optax._src.ascents import stochastic_weight_ascent
 from sam_optax._src.ascents import unified_ascent
 from sam_optax._src.ascents import unnormalized_ascent
 from sam_optax._src.ascents import variance_suppressed_ascent
+
+# SAMPa's pieces, and the ascent's extra points the engine evaluates (issue 15).
+from sam_optax._src.evaluation import Perturbation
+from sam_optax._src.sampa import SampaState
+from sam_optax._src.sampa import sampa_ascent
+from sam_optax._src.sampa import sampa_correction
 
 # Reading the inner optimizer's state (e.g. Adam's second moment) from an ascent.
 from sam_optax._src.inner_state import find_moment
@@ -130,12 +137,17 @@ __all__ = [
     "NormEstimateState",
     "penalty_sam",
     "PendingDescent",
+    "Perturbation",
     "Radius",
     "random_sam",
     "random_smoothing_ascent",
     "renormalize",
     "rst",
     "sam",
+    "sampa",
+    "sampa_ascent",
+    "sampa_correction",
+    "SampaState",
     "SharedOptions",
     "sharpness_aware",
     "sharpness_sensitive_grad_fn",

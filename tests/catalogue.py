@@ -99,6 +99,11 @@ CATALOGUE = [
             lambda h: fref.vasso_direction(h["rho"], h["theta"])),
     Variant("momentum_sam", sam_optax.momentum_sam, {"rho": 0.1},
             lambda h: fref.momentum_sam_direction(h["rho"]), exact_at_rho_zero=False),
+    # SAMPa (issue 15) in the code's form: y peeks at the inner heavy ball's momentum.
+    # rho = lam = 0 is the inner optimizer (the gradient re-evaluated at w + 0).
+    Variant("sampa", sam_optax.sampa, {"rho": 0.1, "lam": 0.2},
+            lambda h: fref.sampa_direction(h["rho"], h["lam"]), two_call=False,
+            rho_names=("rho", "lam"), exact_at_rho_zero=False),
     Variant("fisher_sam", sam_optax.fisher_sam, {"rho": 0.1, "eta": 1.0},
             lambda h: fref.fisher_direction(h["rho"], h["eta"])),
     Variant("random_sam", sam_optax.random_sam, {"rho": 0.05, "sigma": 0.01, "lam": 1.0},

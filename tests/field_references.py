@@ -273,3 +273,26 @@ def ae_looksam_direction(rho, decay, threshold, alpha, taken=None):
       return g
     return g + alpha * _ratio(jnp.linalg.norm(g), jnp.linalg.norm(g_v[0])) * g_v[0]
   return direction
+
+def sampa_direction(rho, lam, lr=0.1, momentum=0.9, learning_rate=None):
+  """SAMPa (LIONS-EPFL/SAMPa's train.py): x~ = w + rho g_y/||g_y||; y = w + the heavy-ball
+  step at g_y from the current momentum v, not committed (or w - learning_rate g_y);
+  d = (1 - lam) grad(x~) + lam grad(y); g_y <- grad(y), zero before the first step."""
+  kept = {"g_y": None}
+
+  def direction(grad, w, t, v=None):
+    g_y = jnp.zeros_like(w) if kept["g_y"] is None else kept["g_y"]
+    if v is None and learning_rate is None:
+      # Called without the momentum (tests/test_nonfinite_inputs.py), the inner optimizer is
+      # optax.identity, whose update at g_y is g_y itself.
+      y = w + g_y
+    elif learning_rate is None:
+      y = w - lr * (g_y + momentum * v)
+    else:
+      y = w - learning_rate * g_y
+    g_aux = grad(y)
+    d = (1 - lam) * grad(w + rho * _unit(g_y)) + lam * g_aux
+    kept["g_y"] = g_aux
+    return d
+  direction.needs_velocity = True
+  return direction

@@ -54,7 +54,10 @@ def run(problem, direction, steps, lr=0.1, momentum=0.9):
   if getattr(direction, "needs_structure", False):  # per-leaf random draws need the leaves
     direction = functools.partial(direction, unravel=unravel)
   for t in range(steps):
-    d = direction(grad, w, t)
+    if getattr(direction, "needs_velocity", False):  # SAMPa peeks at the momentum buffer
+      d = direction(grad, w, t, v=v)
+    else:
+      d = direction(grad, w, t)
     w, v = heavy_ball(w, v, d, lr, momentum)
     out.append(unravel(w))
   return out

@@ -30,6 +30,7 @@ from sam_optax._src import checks
 from sam_optax._src import chunking
 from sam_optax._src import masks
 from sam_optax._src.evaluation import DataParallel
+from sam_optax._src.evaluation import check_point_evaluation
 from sam_optax._src.hyperparams import check_positive_int
 from sam_optax._src.step import Engine
 from sam_optax._src.step import as_cadence
@@ -68,6 +69,8 @@ def sharpness_aware(
     linearize: bool = False,
     exact_at_zero: bool = True,
     decoupled: Callable[[Any, Any, jax.Array], Any] | None = None,
+    point_evaluation: str = "sequential",
+    point_axis_name: AxisName = None,
 ) -> SharpnessAwareTransformation:
   r"""Builds a sharpness-aware optimizer from its pieces.
 
@@ -182,13 +185,29 @@ def sharpness_aware(
       optimizer's update on steps with a perturbed pass (zero on the others), like AdamW's
       decoupled weight decay: the correction leaves a term in its state that bypasses the
       inner optimizer (WSAM's decoupled sharpness step `-lr gamma/(1-gamma) (g_adv - g)`).
+    point_evaluation: how the perturbed point and the extra points of an ascent that returns a
+      `sam_optax.Perturbation` (SAMPa's auxiliary point) are evaluated: `"sequential"`
+      (`grad_fn` once per point) or `"vmap"` (the points stacked and mapped over in one
+      batched pass; the memory of all points at once). The same values either way.
+    point_axis_name: a `shard_map` mesh axis with one device group per point: each group
+      evaluates the point of its index and the gradients are exchanged by one `psum`, so that
+      k + 1 points cost the wall time of one gradient on k + 1 devices (the batch is the same
+      on every group of this axis; data parallelism goes over `axis_name`). Overrides
+      `point_evaluation`.
 
   The ascent also receives the keywords `count` (the engine's step count, the argument of
   schedules tied to the training step, e.g. GSAM's rho) and `inner_state` (the inner
   optimizer's state before this step's update, e.g. for a perturbation preconditioned by
   Adam's second moment); the correction receives
   `ascent_state`, the ascent's state after this step's ascent (bSAM's descent reads the
-  posterior precision kept there).
+  posterior precision kept there). The ascent also receives `correction_state`, the
+  correction's state before this step (SAMPa's ascent reads the gradient its correction kept).
+
+  Extra points: an ascent may return `sam_optax.Perturbation(eps, points)` instead of `eps`,
+  asking for the gradients at `w + points[j]` (j = 1..k) as well; the engine evaluates them
+  together with the perturbed point (`point_evaluation`, `point_axis_name`) and hands them to
+  the correction as the keyword `point_grads` (a tuple, averaged over `axis_name` like
+  `g_adv`), for this step only. One-call form only; not with `mask` or `linearize`.
 
   Ascents that evaluate gradients themselves (multi-step ascent, USAM2, HUSAM) find `grad_fn`
   (params -> grads, aux dropped) among their update keywords, one-call form only. It is the
@@ -248,6 +267,7 @@ def sharpness_aware(
       two_call=two_call, chunk_size=chunk_size, chunk_strategy=chunk_strategy,
       axis_name=axis_name, average_ascent=average_ascent, linearize=linearize,
       decoupled=decoupled)
+  check_point_evaluation(point_evaluation, point_axis_name)
   # The two-call form's descent call reads the ascent call's gradient only for a correction and
   # the off steps of a cadence or window. Otherwise it is not kept: one param-sized buffer less
   # in the state, and none written by each call. The exact select at a zero perturbation does
@@ -261,7 +281,8 @@ def sharpness_aware(
       inner=inner, ascent=ascent, correction=correction, window=window, cadence=cadence,
       mask=mask, has_aux=has_aux, chunk_size=chunk_size, chunk_strategy=chunk_strategy,
       parallel=DataParallel(axis_name, average_ascent), param_axis_name=param_axis_name,
-      linearize=linearize, exact_at_zero=exact_at_zero, decoupled=decoupled)
+      linearize=linearize, exact_at_zero=exact_at_zero, decoupled=decoupled,
+      point_evaluation=point_evaluation, point_axis_name=point_axis_name)
   init = functools.partial(_init, engine, two_call, keeps_clean_grads)
   update_with_aux = functools.partial(_update_with_aux, engine, two_call)
   if two_call:

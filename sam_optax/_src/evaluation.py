@@ -3,13 +3,15 @@
 `GradientEvaluator` calls the user's `grad_fn` (checking what it returns, splitting off the
 aux, or linearizing it); `DataParallel` averages gradients over the data-parallel axis and
 keeps per-device ascent states in step; `nan_unless_finite` carries a non-finite gradient into
-the updates, where `skip_if_nonfinite` sees it.
+the updates, where `skip_if_nonfinite` sees it. An ascent may ask for gradients at extra points
+(`Perturbation`); `evaluate_points` evaluates them with the perturbed point, one after the
+other, batched by `vmap`, or one point per device group over a mesh axis.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,84 @@ def masked_grad_fn(grad_fn, mask_tree, params):
     return jax.tree.map(lambda keep, g: g if keep else optax.MaskedNode(), mask_tree,
                         grad_fn(full))
   return masked
+
+
+# ------------------------------------------------------------------ gradients at several points
+
+
+POINT_EVALUATIONS = ("sequential", "vmap")
+
+
+class Perturbation(NamedTuple):
+  """What an ascent may return instead of `eps`: the perturbation and extra points.
+
+  The engine evaluates `grad_fn` at `w + eps` (the perturbed point, whose gradient is `g_adv`)
+  and at every `w + points[j]`, together (see `evaluate_points`), and hands the gradients at the
+  extra points to the correction as the keyword `point_grads` (a tuple, in the order of
+  `points`, averaged over the data-parallel axis like `g_adv`). They live for this step only:
+  a correction that needs one later keeps it in its own state. One-call form only.
+  """
+  eps: Any              # tree like params: the perturbation.
+  points: tuple = ()    # offsets from the params (trees like params) of the extra points.
+
+
+def check_point_evaluation(evaluation: str, point_axis_name: AxisName) -> None:
+  """Checks `point_evaluation` and `point_axis_name` at construction."""
+  if evaluation not in POINT_EVALUATIONS:
+    raise ValueError(f"point_evaluation must be one of {POINT_EVALUATIONS}, got "
+                     f"{evaluation!r} (for one point per device group, name the mesh axis "
+                     f"with point_axis_name=...).")
+
+
+def evaluate_points(evaluate: GradientEvaluator, points: list, evaluation: str,
+                    point_axis_name: AxisName):
+  """`grad_fn` at each of `points` (absolute params; the first is the perturbed point).
+
+  Returns `(grads, aux)`: the list of gradients, in the order of `points`, and the aux at the
+  first point. `"sequential"` calls `grad_fn` once per point; `"vmap"` stacks the points and
+  maps `grad_fn` over them, one batched pass. With `point_axis_name` (a `shard_map` mesh axis of
+  size `len(points)`) each device group evaluates the point of its index along the axis and the
+  gradients are exchanged by one `psum`: every device ends with all of them, invariant over the
+  axis.
+  """
+  if len(points) == 1:
+    grads, aux = evaluate(points[0])
+    return [grads], aux
+  if point_axis_name is not None:
+    return _evaluate_across(evaluate, points, point_axis_name)
+  if evaluation == "sequential":
+    outs = [evaluate(p) for p in points]
+    return [g for g, _ in outs], outs[0][1]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+  grads, aux = jax.vmap(evaluate)(stacked)
+  first = lambda t: jax.tree.map(lambda x: x[0], t)
+  return [jax.tree.map(lambda x, j=j: x[j], grads) for j in range(len(points))], first(aux)
+
+
+def _evaluate_across(evaluate, points, axis_name):
+  """One point per device group along `axis_name`, exchanged by a psum of one-hot slots."""
+  try:
+    size = jax.lax.axis_size(axis_name)
+    index = jax.lax.axis_index(axis_name)
+  except NameError as error:
+    raise ValueError(
+        f"point_axis_name={axis_name!r} is not bound here: update the transformation inside "
+        f"a shard_map (or pmap) over a mesh axis {axis_name!r} of size {len(points)}, each "
+        f"device group taking one point.") from error
+  if size != len(points):
+    raise ValueError(f"point_axis_name={axis_name!r} has size {size}, but this step evaluates "
+                     f"{len(points)} points (the perturbed point and the extra ones): the axis "
+                     f"must have exactly one device group per point.")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+  grads, aux = evaluate(jax.tree.map(lambda x: x[index], stacked))
+
+  def slot(x, j):
+    # Each device fills its own slot and zeros elsewhere; the psum hands every device all of
+    # them (summed in the value's dtype: the other terms are exact zeros).
+    kind = x.dtype
+    x = x.astype(jnp.int32) if kind == jnp.bool_ else x
+    out = jax.lax.psum(jnp.where(index == j, x, jnp.zeros_like(x)), axis_name)
+    return out.astype(kind)
+
+  all_grads = [jax.tree.map(lambda g, j=j: slot(g, j), grads) for j in range(len(points))]
+  return all_grads, jax.tree.map(lambda a: slot(jnp.asarray(a), 0), aux)

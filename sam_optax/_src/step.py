@@ -26,6 +26,8 @@ from sam_optax._src import masks
 from sam_optax._src import tree
 from sam_optax._src.evaluation import DataParallel
 from sam_optax._src.evaluation import GradientEvaluator
+from sam_optax._src.evaluation import Perturbation
+from sam_optax._src.evaluation import evaluate_points
 from sam_optax._src.evaluation import masked_grad_fn
 from sam_optax._src.evaluation import nan_unless_finite
 from sam_optax._src.transformation import CadenceState
@@ -41,7 +43,8 @@ class Engine:
 
   def __init__(self, *, inner, ascent, correction, window, cadence, mask, has_aux,
                chunk_size, chunk_strategy, parallel: DataParallel, param_axis_name,
-               linearize, exact_at_zero, decoupled):
+               linearize, exact_at_zero, decoupled, point_evaluation="sequential",
+               point_axis_name=None):
     # Without a correction the direction is g_adv itself, which carries any NaN or Inf of
     # g_adv: only a correction (which may drop it) makes the engine check g_adv too.
     self.checks_grads_adv = correction is not None
@@ -69,6 +72,8 @@ class Engine:
     # - decoupled: WSAM's term added after the inner optimizer, the one piece acting there.
     self.linearize = linearize
     self.exact_at_zero, self.decoupled = exact_at_zero, decoupled
+    # How the perturbed point and an ascent's extra points (a `Perturbation`) are evaluated.
+    self.point_evaluation, self.point_axis_name = point_evaluation, point_axis_name
     # Whether some steps skip the perturbed pass (then decided at run time, in a lax.cond).
     self.scheduled = window is not None or cadence is not None
 
@@ -147,8 +152,11 @@ class Engine:
     return masks.apply(entries, eps), ascent_state
 
   def correct(self, grads, grads_adv, correction_state, params, perturbed, extra,
-              ascent_state):
-    """d = C(g_adv, clean=g)."""
+              ascent_state, point_grads=()):
+    """d = C(g_adv, clean=g); the gradients at an ascent's extra points, when it asked for
+    some, as the keyword `point_grads` (corrections of other variants never see it)."""
+    if point_grads:
+      extra = dict(extra, point_grads=point_grads)
     return self.correction.update(grads_adv, correction_state, params, clean_grads=grads,
                                   perturbed=perturbed, param_axis_name=self.param_axis_name,
                                   ascent_state=ascent_state, **extra)
@@ -250,9 +258,11 @@ class OneCallStep:
                            eager=self.eager_chunks)
 
   def one_chunk(self, batch_grad_fn: Callable, clean_grads):
-    """The perturbed pass on one (chunk of the) batch: (g, g_adv, ascent state), aux.
+    """The perturbed pass on one (chunk of the) batch: (g, g_adv, ascent state, point grads),
+    aux.
 
-    Here the perturbed gradient is taken: eps = A(g), g_adv = grad_fn(w + eps).
+    Here the perturbed gradient is taken: eps = A(g), g_adv = grad_fn(w + eps); with the
+    gradients at the ascent's extra points (a `Perturbation`), evaluated together with it.
     """
     engine, state, params = self.engine, self.state, self.params
     evaluate = GradientEvaluator(batch_grad_fn, engine.has_aux, params)
@@ -262,16 +272,22 @@ class OneCallStep:
     eps, ascent_state = engine.perturb(
         engine.parallel.ascent_input(clean_grads), state.ascent_state, params,
         dict(self.extra, grad_fn=ascent_grad_fn, count=state.count,
-             inner_state=state.inner_state), self.entries)
+             inner_state=state.inner_state, correction_state=state.correction_state),
+        self.entries)
+    eps, offsets = split_perturbation(eps, engine)
+    point_grads = ()
     if engine.linearize:
       grads_adv, aux, grads_at_params = evaluate.linearized(params, clean_grads, eps)
       # What grad_fn returned is not in g + H eps (a constant NaN has no derivative): carry
       # its NaN or Inf there, as the other variants' perturbed gradient carries its own.
       grads_adv = engine.nonfinite_through(grads_adv, grads_at_params)
     else:
-      grads_adv, aux = evaluate(tree.add(params, eps))
+      points = [tree.add(params, eps)] + [tree.add(params, o) for o in offsets]
+      all_grads, aux = evaluate_points(evaluate, points, engine.point_evaluation,
+                                       engine.point_axis_name)
+      grads_adv, point_grads = all_grads[0], tuple(all_grads[1:])
     grads_adv = engine.keep_clean_at_zero(eps, clean_grads, grads_adv)
-    return (clean_grads, grads_adv, ascent_state), aux
+    return (clean_grads, grads_adv, ascent_state, point_grads), aux
 
   def perturbed_pass(self):
     if self.chunked is None:
@@ -289,13 +305,17 @@ class OneCallStep:
 
   def perturbed_step(self, _):
     engine, state = self.engine, self.state
-    (clean_grads, grads_adv, ascent_state), aux = self.perturbed_pass()
+    (clean_grads, grads_adv, ascent_state, point_grads), aux = self.perturbed_pass()
     clean_grads, grads_adv = engine.parallel.mean(clean_grads), engine.parallel.mean(grads_adv)
+    point_grads = engine.parallel.mean(point_grads)
     ascent_state = engine.parallel.synced(ascent_state)
     direction, correction_state = engine.correct(clean_grads, grads_adv, state.correction_state,
-                                                 self.params, True, self.extra, ascent_state)
-    direction = engine.nonfinite_through(direction,
-                                         *engine.read_gradients(clean_grads, grads_adv))
+                                                 self.params, True, self.extra, ascent_state,
+                                                 point_grads)
+    # The extra points' gradients reach the direction through the correction, which may drop
+    # a non-finite entry: carried like g_adv's.
+    direction = engine.nonfinite_through(
+        direction, *engine.read_gradients(clean_grads, grads_adv), *point_grads)
     return direction, ascent_state, correction_state, aux
 
   def plain_step(self, decision: Decision):
@@ -353,6 +373,27 @@ class OneCallStep:
     k = chunking.num_chunks(chunked)  # the aux is stacked over chunks
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct((k,) + s.shape, s.dtype),
                         jax.eval_shape(aux_at, params, first))
+
+
+def split_perturbation(out, engine: Engine, two_call: bool = False):
+  """`(eps, offsets)` from what an ascent returned: `eps` itself, or a `Perturbation`."""
+  if not isinstance(out, Perturbation):
+    return out, ()
+  offsets = tuple(out.points)
+  if offsets and two_call:
+    raise ValueError(
+        "This ascent asks for gradients at extra points (a Perturbation with points, e.g. "
+        "SAMPa's auxiliary point), which the engine evaluates with grad_fn: the two-call form "
+        "has no grad_fn. Use the one-call form: tx.update(grads, state, params, "
+        "grad_fn=lambda p: jax.grad(loss)(p, batch)).")
+  if offsets and engine.linearize:
+    raise ValueError("linearize=True replaces the perturbed pass by a Hessian-vector product; "
+                     "it cannot also evaluate an ascent's extra points.")
+  if offsets and (engine.mask is not None or engine.mask_piece is not None):
+    raise ValueError("mask= restricts eps to some entries, but this ascent's extra points "
+                     "would be left unmasked: a mask cannot be combined with an ascent that "
+                     "asks for gradients at extra points.")
+  return out.eps, offsets
 
 
 def as_cadence(cadence) -> cadences.Cadence | None:

@@ -22,6 +22,7 @@ from sam_optax._src import control
 from sam_optax._src import tree
 from sam_optax._src.step import Engine
 from sam_optax._src.step import increment
+from sam_optax._src.step import split_perturbation
 from sam_optax._src.transformation import PendingDescent
 from sam_optax._src.transformation import SharpnessAwareState
 
@@ -59,7 +60,10 @@ def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
   def with_perturbation(_):
     eps, ascent_state = engine.perturb(
         engine.parallel.ascent_input(grads), state.ascent_state, params,
-        dict(extra, count=state.count, inner_state=state.inner_state), entries)
+        dict(extra, count=state.count, inner_state=state.inner_state,
+             correction_state=state.correction_state), entries)
+    # An ascent asking for extra points needs grad_fn: refused here (two_call=True).
+    eps, _ = split_perturbation(eps, engine, two_call=True)
     if engine.ascent_reads_grads:
       # A NaN eps reaches the descent call's updates, w - (w + eps) + Opt(d), whatever the
       # gradient at w + eps: the pair's updates carry a non-finite g.

@@ -20,6 +20,7 @@ import optax
 
 from sam_optax._src import ascents, cadences, corrections, engine
 from sam_optax._src.ascents import Radius
+from sam_optax._src import sampa as sampa_pieces
 from sam_optax._src.hyperparams import ScalarOrSchedule
 from sam_optax._src.hyperparams import check_hparam, value_at
 from sam_optax._src.hyperparams import _concrete
@@ -1059,6 +1060,79 @@ def momentum_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.
   """
   pieces = Pieces(ascent=ascents.momentum_ascent(rho))
   return build_variant(inner, pieces, dict(rho=rho), options, name="momentum_sam")
+
+
+@variant
+def sampa(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.1,
+          lam: ScalarOrSchedule = 0.2, learning_rate: ScalarOrSchedule | None = None,
+          evaluation: Literal["sequential", "vmap"] = "sequential",
+          point_axis_name: Hashable | None = None,
+          **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
+  r"""SAMPa: SAM's two gradients made independent, so that they can run at the same time.
+
+  .. math::
+    \tilde x_t = x_t + \rho \frac{g_y}{\|g_y\|}, \qquad
+    y_{t+1} = x_t + \mathrm{Opt}_{peek}(g_y) \;\text{ or }\; x_t - \eta_t g_y,
+
+    d_t = (1 - \lambda) \nabla f(\tilde x_t) + \lambda \nabla f(y_{t+1}), \qquad
+    g_y \leftarrow \nabla f(y_{t+1}), \qquad x_{t+1} = x_t + \mathrm{Opt}(d_t)
+
+  Both points depend only on `x_t` and the kept `g_y`, so their gradients are independent: on
+  two devices a step costs the wall time of one gradient. Source: the authors' code
+  (LIONS-EPFL/SAMPa, `train.py`) and README. Without `learning_rate`, `y` is the inner
+  optimizer's update at `g_y` from its current state (momentum, weight decay), not committed,
+  as the code computes it; with `learning_rate` (a float or the inner schedule, of the step
+  count) `y = x - lr_t g_y` as in the paper. First step as in the code: `g_y = 0`, so both
+  points are `x_0` (up to the peek's weight decay) and the step is the inner optimizer's on
+  `grad f(x_0)`. The caller's clean gradient is never read (pass zeros; under `jax.jit` a clean
+  gradient computed only for this update is dead code), except by `renormalize=True` and off
+  the `window`. Deviation from the code: both gradients use the batch `grad_fn` closes over;
+  the code takes the perturbed one on the previous iteration's batch. `lam = 0` is the pure
+  SAMPa here (the code's all-reduce recovers `g_y` by dividing by `lam`).
+
+  Cost: two gradient evaluations per step, plus the peek (one elementwise inner update);
+  state: `g_y`, one param-sized buffer. `evaluation="sequential"` evaluates the two points one
+  after the other (SAM's memory), `"vmap"` batches them into one pass (twice the activation
+  memory; faster where one pass leaves the device idle). `point_axis_name` names a `shard_map`
+  mesh axis of size 2: each device group evaluates one point on the same batch and a `psum`
+  exchanges the gradients (`benchmarks/sampa_devices.py` shows the setup). One-call form only.
+
+  Args:
+    inner: the optimizer (the authors: SGD, momentum 0.9, weight decay 5e-4, cosine schedule).
+    rho: the perturbation radius, >= 0 (the code's default 0.1).
+    lam: the weight of the auxiliary gradient, in [0, 1] (the code's default 0.2).
+    learning_rate: None for the code's peek at the inner optimizer, or the paper's step size
+      `eta_t` (a float or a schedule of the step count) for `y = x - eta_t g_y`.
+    evaluation: `"sequential"` or `"vmap"` (see above); the trajectory is the same.
+    point_axis_name: a `shard_map` mesh axis of size 2 with one device group per point
+      (overrides `evaluation`); None on one device.
+    **options: the options every variant shares (`SharedOptions`), except `mask` and
+      `two_call`.
+
+  Returns:
+    A `SharpnessAwareTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss = lambda p: jnp.sum(p['w'] ** 2)
+    >>> tx = sam_optax.sampa(optax.sgd(0.1, momentum=0.9), rho=0.1, lam=0.2)
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(optax.tree.zeros_like(params), state, params,
+    ...                            grad_fn=jax.grad(loss))
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Xie, Pethick & Cevher, *SAMPa: Sharpness-aware Minimization Parallelized*, NeurIPS 2024,
+    https://arxiv.org/abs/2410.10683; code https://github.com/LIONS-EPFL/SAMPa
+  """
+  if options.get("mask") is not None:
+    raise ValueError("sampa cannot take mask=: its auxiliary point y moves every entry, and "
+                     "the mask would restrict x + eps only. Drop mask.")
+  pieces = Pieces(ascent=sampa_pieces.sampa_ascent(rho, inner, learning_rate),
+                  correction=sampa_pieces.sampa_correction(lam), needs_grad_fn=True)
+  engine_options = dict(options, point_evaluation=evaluation, point_axis_name=point_axis_name)
+  return build_variant(inner, pieces, dict(rho=rho, lam=lam), engine_options, name="sampa")
 
 
 @variant
