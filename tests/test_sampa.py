@@ -6,6 +6,10 @@ of benchmarks/sampa_devices.py (tests/test_benchmarks.py), which needs its own p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +182,16 @@ def test_refusals():
   tx = sam_optax.sampa(inner, point_axis_name="points")
   with pytest.raises(ValueError, match="not bound"):
     tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
+
+
+@pytest.mark.slow  # a subprocess: 2 host devices need XLA flags set before JAX starts
+def test_two_devices_follow_the_one_device_trajectory():
+  """point_axis_name over a shard_map axis of 2 host devices, each evaluating one point, gives
+  sequential and vmapped SAMPa's trajectory (benchmarks/sampa_devices.py --check)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, os.path.join(root, "benchmarks", "sampa_devices.py"), "--check"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "'sampa_2dev': " in result.stdout and "'sampa_vmap': " in result.stdout
