@@ -210,6 +210,7 @@ def rst_draw(seed, probability):
   """RST's draw at step t, redone with jax.random: bernoulli(fold_in(key(seed), t), p_t)."""
   def take(t):
     p = probability(t) if callable(probability) else probability
+    p = jnp.asarray(p, jnp.float32)  # the library draws in float32 whatever p's dtype
     return bool(jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p))
   return take
 

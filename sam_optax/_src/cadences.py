@@ -166,7 +166,8 @@ def bernoulli(probability: ScalarOrSchedule, seed: int = 0) -> Cadence:
     \mathrm{perturbed}(t) = [\, u_t < p_t \,], \qquad
     u_t = \mathrm{uniform}(\mathrm{fold\_in}(\mathrm{key}(\mathrm{seed}), t))
 
-  i.e. `jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p_t)`. The draw is
+  i.e. `jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p_t)` with `p_t` in
+  float32 (so that the draws are the same with and without `jax_enable_x64`). The draw is
   counter-based: it depends on the seed and the step count only, so it keeps no state, is the
   same on every device under data parallelism (a replica-divergent draw would deadlock the
   collectives of the perturbed pass), the same in both calls of the two-call form, and
@@ -206,7 +207,9 @@ def bernoulli(probability: ScalarOrSchedule, seed: int = 0) -> Cadence:
   seed = check_positive_int("seed", seed, minimum=0)
 
   def take(count):
-    p = value_at(probability, count)
+    # In float32 whatever the probability's dtype: the uniform draw behind bernoulli takes p's
+    # dtype, so a float64 p (a Python float under jax_enable_x64) would draw other numbers.
+    p = value_at(probability, count).astype(jnp.float32)
     draw = jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), count), p)
     # uniform(...) < p is already never True at p = 0 and always at p = 1 (u < 1); the selects
     # make both exact whatever the dtypes, and send an invalid (NaN) p to the perturbed pass.

@@ -787,7 +787,7 @@ def rst(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
                        g & b_t = 0 \end{cases}
 
   and the inner optimizer steps along `d`. The draw is
-  `jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p_t)`
+  `jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), t), p_t)`, `p_t` in float32
   (`sam_optax.cadences.bernoulli`): a function of the seed and the step count, identical on
   every device and in both calls of the two-call form, and reproducible. A step without the
   draw is the inner optimizer's own step on `g` (no correction), inside a `lax.cond`, so it
