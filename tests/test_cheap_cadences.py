@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 import sam_optax
 from tests import field_references as fref
 from tests import problems
+from tests import references
 from tests.test_distributed import run_script
 
 cadences = sam_optax.cadences
@@ -68,6 +69,11 @@ def assert_bitwise(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def run_reference(problem, direction, steps):
+  """The last params of heavy-ball SGD along a plain-jnp `direction`."""
+  return references.run(problem, direction, steps, lr=LR, momentum=MOMENTUM)[-1]
+
+
 def flat_grads(problem):
   return lambda p: ravel_pytree(jax.grad(problem.loss)(p, problem.batch))[0]
 
@@ -76,7 +82,7 @@ def flat_grads(problem):
 
 
 def test_bernoulli_is_the_counter_based_draw_and_exact_at_zero_and_one():
-  counts = jnp.arange(2000)
+  counts = jnp.arange(1000)
   for p in (0.3, 0.5):
     ours = jax.vmap(cadences.bernoulli(p, seed=7))(counts)
     # p in float32: the uniform draw takes p's dtype (float64 for a Python float here, x64).
@@ -87,9 +93,9 @@ def test_bernoulli_is_the_counter_based_draw_and_exact_at_zero_and_one():
   assert bool(jnp.all(jax.vmap(cadences.bernoulli(1.0))(counts)))
   assert not bool(jnp.any(jax.vmap(cadences.bernoulli(0.0))(counts)))
   # A schedule of the step count; its ends exact too.
-  ramp = cadences.bernoulli(lambda t: jnp.where(t < 1000, 0.0, 1.0), seed=1)
+  ramp = cadences.bernoulli(lambda t: jnp.where(t < 500, 0.0, 1.0), seed=1)
   taken = np.asarray(jax.vmap(ramp)(counts))
-  assert not taken[:1000].any() and taken[1000:].all()
+  assert not taken[:500].any() and taken[500:].all()
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), float("inf")])
@@ -211,7 +217,9 @@ def inner_trajectory(inner, problem, steps):
   return run(problem.params)
 
 
-@pytest.mark.parametrize("two_call", [False, True], ids=["one_call", "two_call"])
+# The fast tier keeps float64 one-call; the full suite adds the two-call form and float32.
+@pytest.mark.parametrize("two_call", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["one_call", "two_call"])
 @pytest.mark.parametrize("dtype", [F64, pytest.param(F32, marks=pytest.mark.slow)],
                          ids=["f64", "f32"])
 def test_rst_at_probability_one_is_sam_and_at_zero_the_inner_optimizer(dtype, two_call):
@@ -228,10 +236,10 @@ def test_rst_at_probability_one_is_sam_and_at_zero_the_inner_optimizer(dtype, tw
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), rst1, rst0)
   assert any(jax.tree.leaves(moved))
   if not two_call:  # counted apart: a callback in grad_fn changes the program's rounding
-    for p, expected in ((1.0, steps), (0.0, 0)):
-      assert trajectory(rst(p), problem, steps, count_calls=True)[2] == expected
+    assert trajectory(rst(0.0), problem, steps, count_calls=True)[2] == 0
 
 
+@pytest.mark.slow
 def test_rst_off_steps_evaluate_no_second_gradient_and_match_the_reference():
   problem = problems.mlp(F64)
   steps, p, seed = 12, 0.4, 5
@@ -244,11 +252,7 @@ def test_rst_off_steps_evaluate_no_second_gradient_and_match_the_reference():
   problems.assert_trees_close(jax.tree.map(lambda x: x[-1], params), expected, 1e-12)
 
 
-def run_reference(problem, direction, steps):
-  from tests import references
-  return references.run(problem, direction, steps, lr=LR, momentum=MOMENTUM)[-1]
-
-
+@pytest.mark.slow
 def test_rst_probability_schedule_follows_the_training_step():
   problem = problems.mlp(F64)
   schedule = optax.linear_schedule(0.0, 1.0, 8)
@@ -263,6 +267,7 @@ def test_rst_probability_schedule_follows_the_training_step():
 # -------------------------------------------------------------------- AE-SAM and AE-LookSAM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ae_sam", "ae_looksam"])
 def test_ae_off_steps_evaluate_no_second_gradient(name):
   problem = problems.quadratic(F64)
@@ -296,6 +301,7 @@ def test_ae_sam_threshold_schedule_matches_the_reference():
   problems.assert_trees_close(jax.tree.map(lambda x: x[-1], params), expected, 1e-12)
 
 
+@pytest.mark.slow
 def test_ae_sam_two_call_ascent_decides_and_descent_follows():
   """The ascent call decides (and advances the statistics); the descent call, whose gradient
   at w + eps would decide otherwise, follows the stored decision and leaves the statistics."""
