@@ -15,8 +15,10 @@ The engine has two slots for such pieces, which differ in what an off step is:
     `perturbed=False` (LookSAM reuses its stored component there);
   * `window=`: an off step is the inner optimizer's own step on `g`, without correction.
 
-A step takes the perturbed pass when both say so. `every(k)` is a cadence, `window(start,
-end)` (what `window=(start, end)` builds) a window piece; any cadence may fill either slot, and
+A step takes the perturbed pass when both say so. `every(k)` (LookSAM), `bernoulli(p, seed)`
+(RST: a counter-based random draw) and `adaptive(decay, threshold)` (AE-SAM: statistics of
+`||g||^2` in its state) are cadences, `window(start, end)` (what `window=(start, end)` builds)
+a window piece; any cadence may fill either slot, and
 a plain function of the step count is accepted as `cadence=` (`from_function`). In the
 two-call form the ascent call decides and the descent call follows that decision; the state
 advances once per pair of calls.
