@@ -56,7 +56,10 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
     variants = [v for v in params.values() if isinstance(v, catalogue.Variant)]
-    if (variants and item.get_closest_marker("whole_catalogue") is None
+    whole = item.get_closest_marker("whole_catalogue")
+    # `whole_catalogue(when=predicate)` keeps only the cases whose parameters satisfy it.
+    keeps_every_variant = whole is not None and whole.kwargs.get("when", lambda _: True)(params)
+    if (variants and not keeps_every_variant
         and any(v.name not in catalogue.FAST_TIER for v in variants)):
       item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: else unchanged
