@@ -195,3 +195,30 @@ def test_two_devices_follow_the_one_device_trajectory():
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "'sampa_2dev': " in result.stdout and "'sampa_vmap': " in result.stdout
+
+
+def test_a_carry_reaches_the_correction_for_one_step():
+  """The Perturbation's carry (issue 16's GAM will hand its intermediate gradients this way)
+  reaches the correction as ascent_carry, and is not in the state."""
+  params = {"w": jnp.asarray([1.0, -2.0])}
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+
+  def ascent_update(grads, state, params=None, *, grad_fn=None, **extra):
+    g2 = grad_fn(jax.tree.map(lambda w, g: w + 0.1 * g, params, grads))
+    return sam_optax.Perturbation(eps=optax.tree.zeros_like(params), carry=g2), state
+
+  def correction_update(updates, state, params=None, *, ascent_carry=None, **extra):
+    return jax.tree.map(lambda u, c: u + c, updates, ascent_carry), state
+
+  tx = sam_optax.sharpness_aware(
+      optax.identity(), optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+                                                              ascent_update),
+      correction=optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+                                                       correction_update))
+  g = jax.grad(loss)(params)
+  state = tx.init(params)
+  d, new_state = jax.jit(tx.update, static_argnames="grad_fn")(g, state, params,
+                                                               grad_fn=jax.grad(loss))
+  expected = 2 * params["w"] + 2 * (params["w"] + 0.1 * g["w"])
+  np.testing.assert_allclose(np.asarray(d["w"]), np.asarray(expected), rtol=1e-6)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)

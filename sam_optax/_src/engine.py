@@ -203,11 +203,12 @@ def sharpness_aware(
   posterior precision kept there). The ascent also receives `correction_state`, the
   correction's state before this step (SAMPa's ascent reads the gradient its correction kept).
 
-  Extra points: an ascent may return `sam_optax.Perturbation(eps, points)` instead of `eps`,
-  asking for the gradients at `w + points[j]` (j = 1..k) as well; the engine evaluates them
-  together with the perturbed point (`point_evaluation`, `point_axis_name`) and hands them to
-  the correction as the keyword `point_grads` (a tuple, averaged over `axis_name` like
-  `g_adv`), for this step only. One-call form only; not with `mask` or `linearize`.
+  Extra points: an ascent may return `sam_optax.Perturbation(eps, points, carry)` instead of
+  `eps`, asking for the gradients at `w + points[j]` (j = 1..k) as well; the engine evaluates
+  them together with the perturbed point (`point_evaluation`, `point_axis_name`) and hands them
+  to the correction as the keyword `point_grads` (a tuple, averaged over `axis_name` like
+  `g_adv`), and `carry` (e.g. an ascent's intermediate gradients) as `ascent_carry`, for this
+  step only (not in the state). One-call form only; points not with `mask` or `linearize`.
 
   Ascents that evaluate gradients themselves (multi-step ascent, USAM2, HUSAM) find `grad_fn`
   (params -> grads, aux dropped) among their update keywords, one-call form only. It is the

@@ -145,16 +145,35 @@ POINT_EVALUATIONS = ("sequential", "vmap")
 
 
 class Perturbation(NamedTuple):
-  """What an ascent may return instead of `eps`: the perturbation and extra points.
+  r"""What an ascent may return instead of `eps`: the perturbation, extra points, a carry.
+
+  .. math::
+    g^{adv} = \nabla L(w + \epsilon), \qquad
+    h_j = \nabla L(w + p_j) \quad (j = 1..k)
 
   The engine evaluates `grad_fn` at `w + eps` (the perturbed point, whose gradient is `g_adv`)
-  and at every `w + points[j]`, together (see `evaluate_points`), and hands the gradients at the
-  extra points to the correction as the keyword `point_grads` (a tuple, in the order of
-  `points`, averaged over the data-parallel axis like `g_adv`). They live for this step only:
-  a correction that needs one later keeps it in its own state. One-call form only.
+  and at every `w + points[j]`, together (`point_evaluation`: one after the other, batched by
+  `vmap`, or one point per device group), and hands the gradients at the extra points to the
+  correction as the keyword `point_grads` (a tuple, in the order of `points`, averaged over the
+  data-parallel axis like `g_adv`). `carry` is any tree the ascent computed and the correction
+  needs (e.g. intermediate gradients of a multi-step ascent), handed to it as the keyword
+  `ascent_carry`. Both live for this step only, outside the state: a correction that needs one
+  later keeps it in its own state. One-call form only (the engine evaluates the points with
+  `grad_fn`, and the two-call form's correction runs in the next call).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> out = sam_optax.Perturbation(eps={'w': jnp.zeros(2)}, points=({'w': jnp.ones(2)},))
+    >>> len(out.points)
+    1
+
+  References:
+    Xie, Pethick & Cevher, *SAMPa: Sharpness-aware Minimization Parallelized*, NeurIPS 2024,
+    https://arxiv.org/abs/2410.10683
   """
   eps: Any              # tree like params: the perturbation.
   points: tuple = ()    # offsets from the params (trees like params) of the extra points.
+  carry: Any = None     # any tree handed to the correction this step (`ascent_carry=`).
 
 
 def check_point_evaluation(evaluation: str, point_axis_name: AxisName) -> None:

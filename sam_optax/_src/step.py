@@ -152,11 +152,14 @@ class Engine:
     return masks.apply(entries, eps), ascent_state
 
   def correct(self, grads, grads_adv, correction_state, params, perturbed, extra,
-              ascent_state, point_grads=()):
-    """d = C(g_adv, clean=g); the gradients at an ascent's extra points, when it asked for
-    some, as the keyword `point_grads` (corrections of other variants never see it)."""
+              ascent_state, point_grads=(), carry=None):
+    """d = C(g_adv, clean=g); the gradients at an ascent's extra points and its carry (a
+    `Perturbation`'s), when it returned some, as the keywords `point_grads` and `ascent_carry`
+    (corrections of other variants never see them)."""
     if point_grads:
       extra = dict(extra, point_grads=point_grads)
+    if carry is not None:
+      extra = dict(extra, ascent_carry=carry)
     return self.correction.update(grads_adv, correction_state, params, clean_grads=grads,
                                   perturbed=perturbed, param_axis_name=self.param_axis_name,
                                   ascent_state=ascent_state, **extra)
@@ -274,7 +277,7 @@ class OneCallStep:
         dict(self.extra, grad_fn=ascent_grad_fn, count=state.count,
              inner_state=state.inner_state, correction_state=state.correction_state),
         self.entries)
-    eps, offsets = split_perturbation(eps, engine)
+    eps, offsets, carry = split_perturbation(eps, engine)
     point_grads = ()
     if engine.linearize:
       grads_adv, aux, grads_at_params = evaluate.linearized(params, clean_grads, eps)
@@ -287,7 +290,7 @@ class OneCallStep:
                                        engine.point_axis_name)
       grads_adv, point_grads = all_grads[0], tuple(all_grads[1:])
     grads_adv = engine.keep_clean_at_zero(eps, clean_grads, grads_adv)
-    return (clean_grads, grads_adv, ascent_state, point_grads), aux
+    return (clean_grads, grads_adv, ascent_state, point_grads, carry), aux
 
   def perturbed_pass(self):
     if self.chunked is None:
@@ -305,13 +308,14 @@ class OneCallStep:
 
   def perturbed_step(self, _):
     engine, state = self.engine, self.state
-    (clean_grads, grads_adv, ascent_state, point_grads), aux = self.perturbed_pass()
+    (clean_grads, grads_adv, ascent_state, point_grads, carry), aux = self.perturbed_pass()
     clean_grads, grads_adv = engine.parallel.mean(clean_grads), engine.parallel.mean(grads_adv)
     point_grads = engine.parallel.mean(point_grads)
-    ascent_state = engine.parallel.synced(ascent_state)
+    # A per-device ascent's carry is averaged like its state, so replicas correct alike.
+    ascent_state, carry = engine.parallel.synced((ascent_state, carry))
     direction, correction_state = engine.correct(clean_grads, grads_adv, state.correction_state,
                                                  self.params, True, self.extra, ascent_state,
-                                                 point_grads)
+                                                 point_grads, carry)
     # The extra points' gradients reach the direction through the correction, which may drop
     # a non-finite entry: carried like g_adv's.
     direction = engine.nonfinite_through(
@@ -376,10 +380,15 @@ class OneCallStep:
 
 
 def split_perturbation(out, engine: Engine, two_call: bool = False):
-  """`(eps, offsets)` from what an ascent returned: `eps` itself, or a `Perturbation`."""
+  """`(eps, offsets, carry)` from what an ascent returned: `eps`, or a `Perturbation`."""
   if not isinstance(out, Perturbation):
-    return out, ()
+    return out, (), None
   offsets = tuple(out.points)
+  if out.carry is not None and two_call:
+    raise ValueError(
+        "This ascent hands a carry to the correction (a Perturbation with carry), which in "
+        "the two-call form runs in the next call: it would have to be kept in the state. Use "
+        "the one-call form: tx.update(grads, state, params, grad_fn=...).")
   if offsets and two_call:
     raise ValueError(
         "This ascent asks for gradients at extra points (a Perturbation with points, e.g. "
@@ -393,7 +402,7 @@ def split_perturbation(out, engine: Engine, two_call: bool = False):
     raise ValueError("mask= restricts eps to some entries, but this ascent's extra points "
                      "would be left unmasked: a mask cannot be combined with an ascent that "
                      "asks for gradients at extra points.")
-  return out.eps, offsets
+  return out.eps, offsets, out.carry
 
 
 def as_cadence(cadence) -> cadences.Cadence | None:

@@ -62,8 +62,9 @@ def _ascent_call(engine: Engine, grads, mean_grads, state, params, extra):
         engine.parallel.ascent_input(grads), state.ascent_state, params,
         dict(extra, count=state.count, inner_state=state.inner_state,
              correction_state=state.correction_state), entries)
-    # An ascent asking for extra points needs grad_fn: refused here (two_call=True).
-    eps, _ = split_perturbation(eps, engine, two_call=True)
+    # An ascent asking for extra points (grad_fn) or handing a carry to the correction (which
+    # runs in the next call) is refused here.
+    eps, _, _ = split_perturbation(eps, engine, two_call=True)
     if engine.ascent_reads_grads:
       # A NaN eps reaches the descent call's updates, w - (w + eps) + Opt(d), whatever the
       # gradient at w + eps: the pair's updates carry a non-finite g.
