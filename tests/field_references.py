@@ -275,6 +275,7 @@ def ae_looksam_direction(rho, decay, threshold, alpha, taken=None):
     return g + alpha * _ratio(jnp.linalg.norm(g), jnp.linalg.norm(g_v[0])) * g_v[0]
   return direction
 
+
 def sampa_direction(rho, lam, lr=0.1, momentum=0.9, learning_rate=None):
   """SAMPa (LIONS-EPFL/SAMPa's train.py): x~ = w + rho g_y/||g_y||; y = w + the heavy-ball
   step at g_y from the current momentum v, not committed (or w - learning_rate g_y);
