@@ -20,12 +20,17 @@ devices and per device), and checks that the three SAMPa forms follow the same t
 Fairness on a CPU. The 2 devices are XLA's host-platform devices
 (`--xla_force_host_platform_device_count=2`, set below before JAX starts). By default
 (`--threads-per-device 1`) XLA's CPU backend runs every op single-threaded
-(`--xla_cpu_multi_thread_eigen=false`, `intra_op_parallelism_threads=1`), so that each device is
-one thread, i.e. one core: the one-device contenders use one core, the two-device one uses two,
-which is the comparison the paper makes (one accelerator against two). With
-`--threads-per-device 0` XLA keeps its defaults (a shared intra-op pool over all cores), where a
-one-device step may already use both cores and the two-device run has nothing left to gain.
-The machine's core count is printed: with fewer than 2 cores the 2-device figure means nothing.
+(`--xla_cpu_multi_thread_eigen=false`), so that each device is one thread, i.e. at most one
+core: the one-device contenders use one core, the two-device one may use two, which is the
+comparison the paper makes (one accelerator against two). With `--threads-per-device 0` XLA keeps
+its defaults (a shared intra-op pool over all cores), where a one-device step may already use
+every core and the two-device run has nothing left to gain. The table's `cpu/wall` column (the
+process's CPU time over the wall time of the timed rounds) says how many cores a contender kept
+busy: about 1 for the one-device contenders, and about 2 for the two-device one only if the
+host devices run concurrently. With jaxlib 0.10.2 they did not (cpu/wall 1.0: XLA's CPU client
+ran the two devices' programs one after the other, under shard_map and pmap alike), so on a CPU
+this benchmark can show the cost of the exchange but not the speedup; it needs accelerators.
+The machine's core count and load are printed.
 
 On GPUs or TPUs (`--platform gpu`): the first two accelerators form the "points" axis (the
 host-platform and threading flags only touch the CPU backend); use `--width` and `--batch` to
@@ -82,7 +87,7 @@ if ARGS.platform == "cpu":
   # Before JAX starts: XLA reads its flags once.
   flags = [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
   if ARGS.threads_per_device == 1:
-    flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+    flags += ["--xla_cpu_multi_thread_eigen=false"]
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -210,8 +215,10 @@ def main(args):
                         "backend": jax.default_backend(), "devices": len(devices),
                         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
             "settings": {k: v for k, v in vars(args).items()}, "contenders": {}}
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  report["machine"]["load_average_1min"] = load
   print(f"backend {jax.default_backend()}, {len(devices)} devices, {os.cpu_count()} CPU cores, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"load average {load:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   if mesh is None:
     print("fewer than 2 devices: sampa_2dev skipped")
 
@@ -238,15 +245,19 @@ def main(args):
 
   # Timed rounds, contenders interleaved so that drifts of the machine hit all alike.
   times = {name: [] for name in steps}
+  cpu = {name: [0.0, 0.0] for name in steps}  # process CPU time, wall time
   for _ in range(args.rounds):
     for name in steps:
       compiled, p, s, b = steps[name]
       jax.block_until_ready(p)
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       for _ in range(args.steps):
         p, s = compiled(p, s, b)
       jax.block_until_ready(p)
-      times[name].append((time.perf_counter() - start) / args.steps)
+      wall = time.perf_counter() - start
+      times[name].append(wall / args.steps)
+      cpu[name][0] += time.process_time() - start_cpu
+      cpu[name][1] += wall
       steps[name] = (compiled, p, s, b)
 
   # Gradient evaluations per step, counted at run time on a separate build.
@@ -263,6 +274,7 @@ def main(args):
     per_device = 2 if on_mesh else 1
     report["contenders"][name] = {"median_s": statistics.median(times[name]),
                                   "times_s": times[name], "grads_per_step": len(calls) / 2,
+                                  "cpu_per_wall": cpu[name][0] / cpu[name][1],
                                   "grads_per_step_per_device": len(calls) / 2 / per_device}
 
   same = check_trajectories(trajectories)
@@ -270,13 +282,13 @@ def main(args):
 
   sgd = report["contenders"]["sgd"]["median_s"]
   sam = report["contenders"]["sam"]["median_s"]
-  print("\n| contender | ms/step | vs sgd | vs sam | grads/step (total) | per device |")
-  print("|---|---|---|---|---|---|")
+  print("\n| contender | ms/step | vs sgd | vs sam | grads/step (total) | per device | cpu/wall |")
+  print("|---|---|---|---|---|---|---|")
   for name, entry in report["contenders"].items():
     entry["vs_sgd"], entry["vs_sam"] = entry["median_s"] / sgd, entry["median_s"] / sam
     print(f"| {name} | {1e3 * entry['median_s']:.2f} | {entry['vs_sgd']:.2f} | "
           f"{entry['vs_sam']:.2f} | {entry['grads_per_step']:g} | "
-          f"{entry['grads_per_step_per_device']:g} |")
+          f"{entry['grads_per_step_per_device']:g} | {entry['cpu_per_wall']:.2f} |")
   if "sampa_2dev" in report["contenders"]:
     two = report["contenders"]["sampa_2dev"]["median_s"]
     one = report["contenders"]["sampa_sequential"]["median_s"]
