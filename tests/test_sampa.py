@@ -222,3 +222,61 @@ def test_a_carry_reaches_the_correction_for_one_step():
   expected = 2 * params["w"] + 2 * (params["w"] + 0.1 * g["w"])
   np.testing.assert_allclose(np.asarray(d["w"]), np.asarray(expected), rtol=1e-6)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+# Data parallelism over "data" and the two points over "points" on a 2 x 2 mesh of host devices,
+# against SAMPa on the whole batch on one device (float64).
+_DATA_AND_POINTS = r'''
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, PartitionSpec as P
+jax.config.update("jax_enable_x64", True)
+import sam_optax
+shard_map = getattr(jax, "shard_map", None)
+if shard_map is None:
+  from jax.experimental.shard_map import shard_map
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.zeros(3)}
+batch = (jnp.asarray(rng.normal(size=(8, 4))), jnp.asarray(rng.normal(size=(8, 3))))
+def loss(p, b):
+  return 0.5 * jnp.mean(jnp.sum((jnp.tanh(b[0] @ p["w"] + p["b"]) - b[1]) ** 2, -1))
+inner = optax.sgd(0.1, momentum=0.9)
+calls = []
+def counted(q, b):
+  jax.debug.callback(lambda: calls.append(1))
+  return jax.grad(loss)(q, b)
+def stepper(tx):
+  def step(p, s, b):
+    u, s = tx.update(optax.tree.zeros_like(p), s, p, grad_fn=lambda q: counted(q, b))
+    return optax.apply_updates(p, u), s
+  return step
+one = sam_optax.sampa(inner)
+many = sam_optax.sampa(inner, axis_name="data", average_ascent=True, point_axis_name="points")
+mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "points"))
+one_step = jax.jit(stepper(one))
+many_step = jax.jit(shard_map(stepper(many), mesh=mesh, in_specs=(P(), P(), P("data")),
+                              out_specs=(P(), P())))
+(p1, s1), (p2, s2) = (params, one.init(params)), (params, many.init(params))
+for _ in range(4):
+  p1, s1 = one_step(p1, s1, batch)
+  jax.effects_barrier()
+  before = len(calls)
+  p2, s2 = many_step(p2, s2, batch)
+  jax.effects_barrier()
+  # One gradient per device per step: each of the 4 devices took one of the two points.
+  assert len(calls) - before == 4, len(calls) - before
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+assert not np.allclose(np.asarray(p1["w"]), np.asarray(params["w"]))
+print("ok")
+'''
+
+
+@pytest.mark.slow  # a subprocess with 4 host devices
+def test_data_parallel_and_point_axes_compose():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", _DATA_AND_POINTS], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
