@@ -298,8 +298,10 @@ def adaptive(decay: ScalarOrSchedule = 0.9, threshold: ScalarOrSchedule = 0.0) -
 
   def init(params):
     del params
-    zero = jnp.zeros([], jnp.float32)
-    return AdaptiveCadenceState(root_mean=zero, root_spread=zero)
+    # Two arrays, not one twice: a user's jitted step may donate the state, and XLA refuses
+    # to donate one buffer twice.
+    return AdaptiveCadenceState(root_mean=jnp.zeros([], jnp.float32),
+                                root_spread=jnp.zeros([], jnp.float32))
 
   def update(grads, state, params=None, *, count, param_axis_name=None, **extra):
     del params, extra
