@@ -400,7 +400,7 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
               lambda p: one_call_step(p, _constructor("usam2")(_inner()))),
     "husam": ("sam_optax.husam", "2+HVP",
               lambda p: one_call_step(p, _constructor("husam")(_inner()))),
-    # The cheaper-than-SAM variants (issue 15). Their constructors are looked up when built, so
+    # The cheaper-than-SAM variants. Their constructors are looked up when built, so
     # this script runs with and without them.
     "rst": (f"sam_optax.rst, p={RST_PROBABILITY}", f"1+p = {1 + RST_PROBABILITY:g} expected",
             lambda p: one_call_step(p, _constructor("rst")(

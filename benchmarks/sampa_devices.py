@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SAMPa's wall time per step on one device and on two, beside SGD and SAM (issue 15).
+"""SAMPa's wall time per step on one device and on two, beside SGD and SAM.
 
 SAMPa's two gradients (at `x + rho g_y/||g_y||` and at the auxiliary point `y`) do not depend
 on each other, so two devices can take one each: a step then costs the wall time of one

@@ -68,7 +68,7 @@ from sam_optax._src.ascents import unified_ascent
 from sam_optax._src.ascents import unnormalized_ascent
 from sam_optax._src.ascents import variance_suppressed_ascent
 
-# SAMPa's pieces, and the ascent's extra points the engine evaluates (issue 15).
+# SAMPa's pieces, and the ascent's extra points the engine evaluates.
 from sam_optax._src.evaluation import Perturbation
 from sam_optax._src.sampa import SampaState
 from sam_optax._src.sampa import sampa_ascent

@@ -122,3 +122,14 @@ def assert_trees_close(actual, expected, tol):
   assert len(actual) == len(expected)
   for a, e in zip(actual, expected):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=tol, atol=tol)
+
+
+def compiled_tanh_count(tx, problem):
+  """How many tanh the compiled jitted step holds: on the MLP, one per gradient evaluation (a
+  clean gradient the step never reads is dead code, compiled away)."""
+  def step(params, state):
+    grads = jax.grad(problem.loss)(params, problem.batch)
+    updates, state = tx.update(grads, state, params, grad_fn=problem.grad_fn())
+    return optax.apply_updates(params, updates), state
+  hlo = jax.jit(step).lower(problem.params, tx.init(problem.params)).compile().as_text()
+  return hlo.count(" tanh(")

@@ -146,8 +146,8 @@ def test_momentum_sam_evaluates_one_gradient_per_step():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   # ... so a clean gradient computed inside the jitted step is dead code: the compiled step
   # holds one gradient evaluation (one tanh of the MLP), SAM's two.
-  assert _tanh_count(tx, problem) == 1
-  assert _tanh_count(sam_optax.sam(optax.sgd(0.1), rho=0.05), problem) == 2
+  assert problems.compiled_tanh_count(tx, problem) == 1
+  assert problems.compiled_tanh_count(sam_optax.sam(optax.sgd(0.1), rho=0.05), problem) == 2
 
 
 def test_a_gradient_free_ascent_of_ones_own_leaves_the_clean_gradient_unread():
@@ -172,16 +172,7 @@ def test_a_gradient_free_ascent_of_ones_own_leaves_the_clean_gradient_unread():
         nan_grads, tx.init(problem.params), problem.params, grad_fn=problem.grad_fn())
     # Unread, a NaN clean gradient leaves the update finite; read, it must show.
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)) == finite
-    assert _tanh_count(tx, problem) == tanhs
-
-
-def _tanh_count(tx, problem):
-  def step(params, state):
-    grads = jax.grad(problem.loss)(params, problem.batch)
-    updates, state = tx.update(grads, state, params, grad_fn=problem.grad_fn())
-    return optax.apply_updates(params, updates), state
-  hlo = jax.jit(step).lower(problem.params, tx.init(problem.params)).compile().as_text()
-  return hlo.count(" tanh(")
+    assert problems.compiled_tanh_count(tx, problem) == tanhs
 
 
 def test_momentum_sam_perturbs_along_the_last_step():
@@ -211,7 +202,7 @@ def test_random_and_bayesian_sam_do_not_read_the_clean_gradient():
     assert count() == 8  # the noisy gradient and the perturbed one
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(zeros[-1]))
     # A clean gradient computed in the jitted step is dead code: two evaluations compiled.
-    assert _tanh_count(tx, problem) == 2
+    assert problems.compiled_tanh_count(tx, problem) == 2
 
 
 def test_seeds_change_the_draws_and_states_hold_raw_keys():
