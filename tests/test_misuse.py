@@ -57,7 +57,19 @@ def skip_wrapping_nested_two_call():
   return sam_optax.skip_if_nonfinite(tx, 3).init(PARAMS)
 
 
+def masked_ascent_with_points():
+  def update(grads, state, params=None, **extra):
+    eps = jax.tree.map(lambda w: 0.01 * jnp.ones_like(w), params)
+    return sam_optax.Perturbation(eps, (eps,)), state
+  ascent = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+  tx = sam_optax.sharpness_aware(optax.sgd(0.1), ascent, mask={"w": True, "b": False})
+  return one_call_update(tx)
+
+
 CASES = {
+    "mask_with_an_ascent_returning_points": (
+        masked_ascent_with_points, ValueError, r"returns a sam_optax\.Perturbation.*cannot "
+        r"restrict", r"drop mask="),
     # ----------------------------------------------------------------- construction
     "negative_rho": (
         lambda: sam_optax.sam(optax.sgd(0.1), rho=-0.1), ValueError,

@@ -56,6 +56,8 @@ class Engine:
     # A Mask piece (element-wise, stateful) masks the ascent's input and output; a static mask
     # (a tree of bools or a function of params) hands the ascent the selected leaves only.
     self.mask_piece = mask if isinstance(mask, masks.Mask) else None
+    if mask is not None:
+      ascent = _without_points(ascent)
     mask = None if self.mask_piece is not None else mask
     self.ascent = ascent if mask is None else optax.masked(ascent, mask)
     self.correction = optax.with_extra_args_support(
@@ -412,3 +414,17 @@ def as_cadence(cadence) -> cadences.Cadence | None:
   if not callable(cadence):
     raise TypeError("cadence must be a function of the step count returning a bool.")
   return cadences.from_function(cadence)
+
+
+def _without_points(ascent):
+  """`ascent`, refusing at its first trace to return extra points (a `Perturbation`): a mask
+  restricts `eps` only, and would leave the extra points and their gradients unmasked."""
+  def update(grads, state, params=None, **extra):
+    out, state = ascent.update(grads, state, params, **extra)
+    if isinstance(out, Perturbation):
+      raise ValueError(
+          "this ascent returns a sam_optax.Perturbation (extra points to evaluate, e.g. "
+          "SAMPa's), which a mask cannot restrict: drop mask=, or build the mask into the "
+          "ascent's own points.")
+    return out, state
+  return optax.GradientTransformationExtraArgs(ascent.init, update)
