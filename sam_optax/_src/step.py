@@ -419,8 +419,8 @@ def as_cadence(cadence) -> cadences.Cadence | None:
 def _without_points(ascent):
   """`ascent`, refusing at its first trace to return extra points (a `Perturbation`): a mask
   restricts `eps` only, and would leave the extra points and their gradients unmasked."""
-  def update(grads, state, params=None, **extra):
-    out, state = ascent.update(grads, state, params, **extra)
+  def update(updates, state, params=None, **extra):
+    out, state = ascent.update(updates, state, params, **extra)
     if isinstance(out, Perturbation):
       raise ValueError(
           "this ascent returns a sam_optax.Perturbation (extra points to evaluate, e.g. "
