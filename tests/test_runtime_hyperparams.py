@@ -28,10 +28,15 @@ STEPS = 3  # LookSAM reads alpha from its second step; EMA decays reach eps one 
 # Hyperparameters with an upper bound (the others are only bounded below, by 0).
 UPPER_BOUNDED = {("unified_sam", "lam"), ("dnsam", "decay"), ("friendly_sam", "lam"),
                  ("vasso", "theta"), ("esam", "beta"), ("wsam", "gamma"), ("bsam", "b1"),
-                 ("bsam", "b2")}
+                 ("bsam", "b2"), ("rst", "probability"), ("ae_sam", "decay"),
+                 ("ae_looksam", "decay"), ("sampa", "lam")}
+# Hyperparameters valid at any finite value (AE-SAM's threshold c_t may be negative).
+UNBOUNDED = {("ae_sam", "threshold"), ("ae_looksam", "threshold")}
 
 
 def invalid_values(variant, name):
+  if (variant.name, name) in UNBOUNDED:
+    return [float("nan")]
   values = [-1.0, float("nan")]
   if (variant.name, name) in UPPER_BOUNDED:
     values.append(1.5)
