@@ -243,3 +243,30 @@ def test_functional_grad_fn_rejects_malformed_inputs():
     sam_optax.functional_grad_fn(apply_fn, loss_fn, params, has_aux=True)
   with pytest.raises(TypeError, match="has_aux must be a bool"):
     sam_optax.functional_grad_fn(apply_fn, loss_fn, params, has_aux=1)
+
+
+@pytest.mark.slow  # one jitted function
+def test_two_call_form_with_the_helper_built_at_the_clean_params_matches_one_call():
+  params, batches = problem(jnp.float64)
+  inner = optax.sgd(0.1, momentum=0.9)
+  one_call, two_call = sam_optax.sam(inner, rho=0.2), sam_optax.sam(inner, rho=0.2, two_call=True)
+
+  def two_call_run(params, batches):
+    def step(carry, batch):
+      w, state = carry
+      x, y = batch
+      apply_fn, loss_fn = lambda p: mlp(p, x), lambda f: cross_entropy(f, y)
+      grad_fn = sam_optax.functional_grad_fn(apply_fn, loss_fn, w)  # at the clean params
+      updates, state = two_call.update(grad_fn(w), state, w)  # ascent call: w -> w + eps
+      perturbed = optax.apply_updates(w, updates)
+      updates, state = two_call.update(grad_fn(perturbed), state, perturbed)  # descent call
+      return (optax.apply_updates(perturbed, updates), state), None
+
+    (w, _), _ = jax.lax.scan(step, (params, two_call.init(params)), batches)
+    return w
+
+  got, want, plain_sam = jax.jit(lambda p, b: (
+      two_call_run(p, b), run(one_call, p, b, functional_from_clean_pass(mlp, cross_entropy)),
+      run(one_call, p, b, plain(mlp, cross_entropy))))(params, batches)
+  assert_close(got, want, rtol=1e-12, atol=1e-12)
+  assert max_difference(want, plain_sam) > 1e-3
