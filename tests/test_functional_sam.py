@@ -1,7 +1,7 @@
 """Functional-SAM (`functional_grad_fn`): its two exact properties (a loss linear in the outputs
 gives SAM, a model linear in the params gives the clean gradient), `sam` and `asam` on it
 against plain-jnp references (the Jacobian by `jacrev`, contracted by hand with a hand-written
-cross-entropy derivative), its aux, and its errors."""
+cross-entropy derivative), the two-call form, its aux, and its errors."""
 
 from __future__ import annotations
 
