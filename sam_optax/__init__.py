@@ -90,7 +90,9 @@ from sam_optax._src import cadences
 from sam_optax._src.masks import Mask
 from sam_optax._src.masks import normalization_mask
 
-# ESAM's and K-SAM's data selection, and skipping non-finite steps.
+# ESAM's and K-SAM's data selection, Functional-SAM's perturbed pass, and skipping
+# non-finite steps.
+from sam_optax._src.functional import functional_grad_fn
 from sam_optax._src.nonfinite import skip_if_nonfinite
 from sam_optax._src.nonfinite import SkipIfNonfiniteState
 from sam_optax._src.selection import sharpness_sensitive_grad_fn
@@ -119,6 +121,7 @@ __all__ = [
     "fisher_ascent",
     "GradientFreeAscent",
     "fisher_sam",
+    "functional_grad_fn",
     "friendly_ascent",
     "friendly_sam",
     "gsam",
