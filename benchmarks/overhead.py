@@ -12,7 +12,9 @@ that. This script times, in one process and side by side:
   * the cheaper-than-SAM variants: rst (p=0.5), ae_sam, ae_looksam, sampa (one device, the two
     points sequential or vmapped), K-SAM (`top_k_examples` with k = batch/4, then sam) and the
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
-    all of it)
+    all of it);
+  * the modern variants of issue 16: gcsam, sagm, and gsam with big_vision's options
+    (adaptive_perturbation, minimize_fp=False)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A
 contender whose constructor this version of sam_optax lacks is reported "missing" and skipped.
@@ -60,6 +62,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import platform
@@ -362,6 +365,15 @@ def _optax_sam(opaque: bool):
   return optax.contrib.sam(_inner(), adversary, sync_period=2, opaque_mode=opaque)
 
 
+def _gsam_big_vision():
+  """GSAM with big_vision's two options away from their defaults (missing where this gsam
+  lacks them)."""
+  gsam = _constructor("gsam")
+  if "adaptive_perturbation" not in inspect.signature(gsam).parameters:
+    raise Missing("sam_optax.gsam has no adaptive_perturbation option")
+  return gsam(_inner(), adaptive_perturbation=True, minimize_fp=False)
+
+
 # name -> (description, gradient evaluations per step, builder)
 CONTENDERS: dict[str, tuple[str, str, Callable]] = {
     "floor": ("inner optimizer alone", "1", floor_step),
@@ -421,6 +433,13 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
     "partial_ascent": (f"sam, clean gradient on batch/{SUBSET_FRACTION} (recipe)",
                        f"1 + 1/{SUBSET_FRACTION}",
                        lambda p: partial_ascent_step(p, sam_optax.sam(_inner(), RHO))),
+    # Issue 16's modern variants (looked up when built, like the cheaper-than-SAM ones).
+    "gcsam": ("sam_optax.gcsam (centralized ascent)", "2",
+              lambda p: one_call_step(p, _constructor("gcsam")(_inner(), RHO))),
+    "sagm": ("sam_optax.sagm, alpha=0.001", "2",
+             lambda p: one_call_step(p, _constructor("sagm")(_inner(), RHO, alpha=0.001))),
+    "gsam_big_vision": ("sam_optax.gsam, adaptive_perturbation, minimize_fp=False", "2",
+                        lambda p: one_call_step(p, _gsam_big_vision())),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.

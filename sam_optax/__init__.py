@@ -28,6 +28,7 @@ from sam_optax._src.variants import dnsam
 from sam_optax._src.variants import esam
 from sam_optax._src.variants import fisher_sam
 from sam_optax._src.variants import friendly_sam
+from sam_optax._src.variants import gcsam
 from sam_optax._src.variants import gsam
 from sam_optax._src.variants import husam
 from sam_optax._src.variants import looksam
@@ -36,6 +37,7 @@ from sam_optax._src.variants import multistep_sam
 from sam_optax._src.variants import penalty_sam
 from sam_optax._src.variants import random_sam
 from sam_optax._src.variants import rst
+from sam_optax._src.variants import sagm
 from sam_optax._src.variants import sam
 from sam_optax._src.variants import sampa
 from sam_optax._src.variants import ssam
@@ -50,6 +52,7 @@ from sam_optax._src.ascents import adaptive_ascent
 from sam_optax._src.ascents import ascent_reads_grads
 from sam_optax._src.ascents import AdaptiveWeights
 from sam_optax._src.ascents import bayesian_ascent
+from sam_optax._src.ascents import centralized_ascent
 from sam_optax._src.ascents import deterministic_normalized_ascent
 from sam_optax._src.ascents import fisher_ascent
 from sam_optax._src.ascents import GradientFreeAscent
@@ -62,11 +65,13 @@ from sam_optax._src.ascents import normalized_ascent
 from sam_optax._src.ascents import Radius
 from sam_optax._src.ascents import NormEstimateState
 from sam_optax._src.ascents import random_smoothing_ascent
+from sam_optax._src.ascents import sagm_ascent
 from sam_optax._src.ascents import step_count_ascent
 from sam_optax._src.ascents import stochastic_weight_ascent
 from sam_optax._src.ascents import unified_ascent
 from sam_optax._src.ascents import unnormalized_ascent
 from sam_optax._src.ascents import variance_suppressed_ascent
+from sam_optax._src.ascents import weight_scaled_ascent
 
 # SAMPa's pieces, and the ascent's extra points the engine evaluates.
 from sam_optax._src.evaluation import Perturbation
@@ -78,6 +83,7 @@ from sam_optax._src.sampa import sampa_correction
 from sam_optax._src.inner_state import find_moment
 
 # Descent corrections: optax transformations mapping the perturbed gradient to the direction.
+from sam_optax._src.corrections import average_with_clean
 from sam_optax._src.corrections import bayesian_descent
 from sam_optax._src.corrections import decoupled_sharpness_step
 from sam_optax._src.corrections import look_ahead_reuse
@@ -109,10 +115,12 @@ __all__ = [
     "ae_looksam",
     "ae_sam",
     "asam",
+    "average_with_clean",
     "bayesian_ascent",
     "bayesian_descent",
     "bsam",
     "cadences",
+    "centralized_ascent",
     "decoupled_sharpness_step",
     "deterministic_normalized_ascent",
     "dnsam",
@@ -124,6 +132,7 @@ __all__ = [
     "functional_grad_fn",
     "friendly_ascent",
     "friendly_sam",
+    "gcsam",
     "gsam",
     "hessian_ascent",
     "husam",
@@ -146,6 +155,8 @@ __all__ = [
     "random_smoothing_ascent",
     "renormalize",
     "rst",
+    "sagm",
+    "sagm_ascent",
     "sam",
     "sampa",
     "sampa_ascent",
@@ -171,6 +182,7 @@ __all__ = [
     "usam2",
     "variance_suppressed_ascent",
     "vasso",
+    "weight_scaled_ascent",
     "weighted_sharpness",
     "wsam",
 ]

@@ -120,6 +120,21 @@ CATALOGUE = [
             lambda h: fref.bsam_direction(h["rho"], h["num_data"], h["b1"], h["b2"],
                                           h["weight_decay"], h["damping"]),
             static_args=("seed",), rho_zero_is_inner=False, two_call=False),
+    # Issue 16. SAGM perturbs by -alpha g even at rho = 0: its zero-radius case zeroes both.
+    Variant("gcsam", sam_optax.gcsam, {"rho": 0.05},
+            lambda h: fref.gcsam_direction(h["rho"])),
+    Variant("sagm", sam_optax.sagm, {"rho": 0.05, "alpha": 0.02},
+            lambda h: fref.sagm_direction(h["rho"], h["alpha"]), rho_names=("rho", "alpha")),
+    # big_vision's GSAM options, both away from the defaults (|w|-scaled perturbation, the
+    # clean gradient plus the orthogonal part of the perturbed one).
+    Variant("gsam_big_vision",
+            functools.partial(sam_optax.gsam, learning_rate=GSAM_LR, lr_max=0.1, lr_min=0.01,
+                              adaptive_perturbation=True, minimize_fp=False),
+            {"rho_max": 0.5, "rho_min": 0.1, "alpha": 0.3},
+            lambda h: fref.big_vision_gsam_direction(
+                fref.gsam_rho(fref.warmup_cosine(0.0, 0.1, 5, 20, 0.01), h["rho_max"],
+                              h["rho_min"], 0.1, 0.01), h["alpha"], True, False),
+            rho_names=("rho_max", "rho_min")),
 ]
 
 BY_NAME = {v.name: v for v in CATALOGUE}

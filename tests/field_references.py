@@ -298,3 +298,56 @@ def sampa_direction(rho, lam, lr=0.1, momentum=0.9, learning_rate=None):
     return d
   direction.needs_velocity = True
   return direction
+
+
+# ------------------------------------ modern variants (issue 16): GCSAM, SAGM, big_vision GSAM
+
+
+def centralize_flat(g, leaves, axes_of=None):
+  """Gradient centralization of the flat vector `g`, leaf by leaf: a leaf with >= 2 dims minus
+  its mean over every axis but the last (or over `axes_of(shape)`); vectors and scalars as
+  they are."""
+  parts = []
+  for start, shape, _ in leaves:
+    x = g[start:start + math.prod(shape)].reshape(shape)
+    axes = tuple(range(len(shape) - 1)) if len(shape) >= 2 else ()
+    if axes_of is not None:
+      axes = axes_of(shape)
+    if axes:
+      x = x - jnp.mean(x, axis=axes, keepdims=True)
+    parts.append(x.ravel())
+  return jnp.concatenate(parts) if parts else g
+
+
+def gcsam_direction(rho, axes_of=None):
+  """GCSAM (Mohamed-Hassan22/GCSAM): eps = rho GC(g) / ||g|| (raw norm), d = grad(w + eps)."""
+  @needs_structure
+  def direction(grad, w, t, unravel):
+    g = grad(w)
+    eps = rho * _ratio(1.0, jnp.linalg.norm(g)) * centralize_flat(g, _leaves(w, unravel), axes_of)
+    return grad(w + eps)
+  return direction
+
+
+def sagm_direction(rho, alpha):
+  """SAGM (Wang-pengfei/SAGM): eps = (rho/||g|| - alpha) g, d = (g + grad(w + eps)) / 2."""
+  def direction(grad, w, t):
+    g = grad(w)
+    g_adv = grad(w + (rho * _ratio(1.0, jnp.linalg.norm(g)) - alpha) * g)
+    return (g + g_adv) / 2
+  return direction
+
+
+def big_vision_gsam_direction(rho_fn, alpha, adaptive_perturbation, minimize_fp):
+  """big_vision's gsam_gradient with its two options, the projections written through unit
+  vectors as there (rho_fn clipped at rho_min, as sam_optax documents)."""
+  def direction(grad, w, t):
+    g = grad(w)
+    step = rho_fn(t) * _unit(g)
+    g_adv = grad(w + (jnp.abs(w) * step if adaptive_perturbation else step))
+    if minimize_fp:
+      u = _unit(g_adv)
+      return g_adv - alpha * (g - (g @ u) * u)
+    u = _unit(g)
+    return g + alpha * (g_adv - (g_adv @ u) * u)
+  return direction

@@ -1301,3 +1301,220 @@ def _at_least_float32(dtype):
   """Random draws and slowly moving statistics are kept in float32 for low-precision params:
   bfloat16 samples are coarse, and an EMA with decay 0.999 does not move in bfloat16."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+# ------------------------------------------------------------------ modern variants (issue 16)
+
+
+def _last_axis_but_one_dim(leaf) -> tuple[int, ...]:
+  """Gradient centralization's default axes: every axis but the last (the output axis in Flax
+  and Haiku layouts, `(in, out)` and `(kh, kw, in, out)`) on leaves with >= 2 dimensions."""
+  ndim = jnp.ndim(leaf)
+  return tuple(range(ndim - 1)) if ndim >= 2 else ()
+
+
+def _centralize(x, axes):
+  """`x - mean(x over axes)` in float32 or wider, cast back to `x`'s dtype (`x` unchanged when
+  `axes` is empty)."""
+  if not axes:
+    return x
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  wide = x.astype(acc)
+  return (wide - jnp.mean(wide, axis=axes, keepdims=True)).astype(x.dtype)
+
+
+def _gc_axes(axes_fn, leaf) -> tuple[int, ...]:
+  """The axes `axes_fn` picks for `leaf`, checked and made non-negative."""
+  chosen = axes_fn(leaf)
+  if chosen is None:
+    return ()
+  if isinstance(chosen, (int, np.integer)) and not isinstance(chosen, bool):
+    chosen = (chosen,)
+  ndim = jnp.ndim(leaf)
+  if not isinstance(chosen, (tuple, list)) or not all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in chosen):
+    raise TypeError(f"axes must return a tuple of ints (or None) for each leaf, got "
+                    f"{chosen!r} for a leaf of shape {jnp.shape(leaf)}.")
+  out = tuple(int(a) for a in chosen)
+  if any(not -ndim <= a < ndim for a in out):
+    raise ValueError(f"axes returned {out} for a leaf of shape {jnp.shape(leaf)}: each axis "
+                     f"must lie in [-{ndim}, {ndim}).")
+  return tuple(sorted({a % ndim for a in out}))
+
+
+def centralized_ascent(rho: ScalarOrSchedule = 0.05,
+                       axes: Callable[[Any], Any] | None = None
+                       ) -> optax.GradientTransformationExtraArgs:
+  r"""GCSAM's ascent: SAM's step along the centralized gradient, scaled by the raw norm.
+
+  .. math::
+    \mathrm{GC}(g)_l = g_l - \mathrm{mean}_{A_l}(g_l), \qquad
+    \epsilon = \rho\, \frac{\mathrm{GC}(g)}{\|g\|}
+
+  Gradient centralization (Yong et al.) subtracts from each leaf `l` its mean over the axes
+  `A_l`: by default every axis but the last on leaves with at least two dimensions (the output
+  axis is last in Flax and Haiku layouts, `(in, out)` and `(kh, kw, in, out)`; PyTorch's
+  `(out, in, kh, kw)` averages over dims `1..`, the same axes), none on vectors and scalars,
+  which are left as they are. The norm is that of the raw `g`, taken before centralizing, as
+  in the authors' code (`Mohamed-Hassan22/GCSAM`, `cifar10_gcsam_resnet50.py`, read for this
+  rule; the paper's abstract does not give it): `||eps|| <= rho`, with equality only where
+  every centralized leaf has zero mean already. Only the ascent is centralized; the descent
+  gradient `grad L(w + eps)` is handed on as it is (the code's line centralizing it is
+  commented out). A zero gradient gives a zero perturbation. The means are taken in float32
+  or wider.
+
+  With params sharded over `param_axis_name`, each device centralizes its own shard: shard
+  each leaf along an axis that is not averaged (its output axis, by default).
+
+  Args:
+    rho: the radius, >= 0 (the authors' 0.05); a float or a schedule of the step count.
+    axes: None for the default above, or a function from a gradient leaf to the axes to
+      average over (a tuple of ints, `()` or None to leave the leaf as it is); e.g.
+      `lambda g: tuple(range(g.ndim - 1)) if g.ndim > 3 else ()` centralizes convolution
+      kernels only (the code's `gc_conv_only`).
+
+  Returns:
+    An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> ascent = centralized_ascent(rho=1.0)
+    >>> g = {'w': jnp.array([[0.0, 2.0], [4.0, 2.0]]), 'b': jnp.array([1.0, 0.0])}
+    >>> eps, _ = ascent.update(g, ascent.init(g))  # ||g|| = 5; w's column means (2, 2)
+    >>> eps['w']
+    Array([[-0.4,  0. ],
+           [ 0.4,  0. ]], dtype=float32)
+    >>> eps['b']  # a vector: not centralized
+    Array([0.2, 0. ], dtype=float32)
+
+  References:
+    Hassan, Vakanski, Zhang & Xian, *GCSAM: Gradient Centralized Sharpness Aware Minimization*,
+    https://arxiv.org/abs/2501.11584;
+    Yong et al., *Gradient Centralization: A New Optimization Technique for Deep Neural
+    Networks*, ECCV 2020, https://arxiv.org/abs/2004.01461
+  """
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  if axes is not None and not callable(axes):
+    raise TypeError(f"axes must be None or a function from a gradient leaf to the axes to "
+                    f"average over, e.g. lambda g: tuple(range(1, g.ndim)); got "
+                    f"{type(axes).__name__}.")
+  axes_fn = _last_axis_but_one_dim if axes is None else axes
+
+  def init(params):
+    del params
+    return AscentCountState(count=jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
+    del params, extra
+    inverse = tree.safe_inverse(tree.norm(grads, axis_name=param_axis_name))
+    centred = jax.tree.map(lambda x: _centralize(x, _gc_axes(axes_fn, x)), grads)
+    factor = value_at(rho, _step(state.count, count)) * inverse
+    return tree.scale(factor, centred), AscentCountState(_increment(state.count))
+
+  return _ascent(init, update)
+
+
+def sagm_ascent(rho: ScalarOrSchedule = 0.05, alpha: ScalarOrSchedule = 0.001
+                ) -> optax.GradientTransformationExtraArgs:
+  r"""SAGM's ascent: SAM's step and a small step back down the gradient.
+
+  .. math::
+    \epsilon = \left(\frac{\rho}{\|g\|} - \alpha\right) g
+             = \rho\, \frac{g}{\|g\|} - \alpha\, g
+
+  as in the authors' code (`Wang-pengfei/SAGM`, `domainbed/sagm/sagm.py`, `perturb_weights`:
+  one factor `rho / ||g|| - alpha` times `g`). The gradient is then taken at
+  `w + eps = w - alpha g + rho g/||g||`: the perturbed point seen from a gradient-descent step
+  of size `alpha` (alpha is not tied to the learning rate). `alpha = 0` is SAM's ascent; a zero
+  gradient gives a zero perturbation; `rho = alpha = 0` perturbs nothing.
+
+  Args:
+    rho: the radius, >= 0 (the authors' 0.05); a float or a schedule of the step count.
+    alpha: the step back, >= 0 (the authors' runs: 0.001); a float or a schedule.
+
+  Returns:
+    An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> ascent, g = sagm_ascent(rho=1.0, alpha=0.1), {'w': jnp.array([3.0, 4.0])}
+    >>> eps, _ = ascent.update(g, ascent.init(g))  # (1/5 - 0.1) g
+    >>> eps['w']
+    Array([0.3, 0.4], dtype=float32)
+
+  References:
+    Wang et al., *Sharpness-Aware Gradient Matching for Domain Generalization*, CVPR 2023,
+    https://arxiv.org/abs/2303.10353
+  """
+  rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
+  alpha = check_hparam("alpha", alpha, hint="alpha is SAGM's step back along g (e.g. 0.001).")
+
+  def init(params):
+    del params
+    return AscentCountState(count=jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
+    del params, extra
+    step = _step(state.count, count)
+    inverse = tree.safe_inverse(tree.norm(grads, axis_name=param_axis_name))
+    factor = value_at(rho, step) * inverse - value_at(alpha, step).astype(inverse.dtype)
+    return tree.scale(factor, grads), AscentCountState(_increment(state.count))
+
+  return _ascent(init, update)
+
+
+def weight_scaled_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  r"""big_vision GSAM's adaptive perturbation: SAM's step scaled by `|w|` element by element.
+
+  .. math::
+    \epsilon = \rho_t\, |w| \odot \frac{g}{\|g\|}
+
+  with `||g||` the norm of the raw gradient, as `gsam_gradient` computes it under
+  `adaptive_perturbation=True` (`google-research/big_vision`,
+  `big_vision/trainers/proj/gsam/gsam.py`, read for this rule). Not ASAM's
+  `rho T^2 g / ||T g||`: the norm is not reweighted, so `||eps|| <= rho max|w|`, and `rho` is a
+  radius relative to the weights' scale (big_vision: it "can handle 10x larger rho"). Entries
+  with zero weights (biases at initialization) are not perturbed; a zero gradient gives a zero
+  perturbation. As in `step_count_ascent`, a schedule's argument is the engine's step count.
+
+  Args:
+    rho: the relative radius, >= 0; a float or a schedule of the step count.
+
+  Returns:
+    An ascent (`optax.GradientTransformationExtraArgs` mapping `g` to `eps`); it needs the
+    params.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> ascent = weight_scaled_ascent(0.5)
+    >>> params, g = {'w': jnp.array([2.0, 0.0])}, {'w': jnp.array([3.0, 4.0])}
+    >>> eps, _ = ascent.update(g, ascent.init(params), params)
+    >>> eps['w']
+    Array([0.6, 0. ], dtype=float32)
+
+  References:
+    Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022,
+    https://arxiv.org/abs/2203.08065 (code: https://github.com/google-research/big_vision)
+  """
+  rho = check_hparam("rho", rho, hint="rho is the radius relative to |w|.")
+
+  def init(params):
+    del params
+    return AscentCountState(count=jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError("weight_scaled_ascent (GSAM's adaptive_perturbation) scales the "
+                       "perturbation by |w|: it needs the params, call "
+                       "update(g, state, params).")
+    inverse = tree.safe_inverse(tree.norm(grads, axis_name=param_axis_name))
+    factor = value_at(rho, _step(state.count, count)) * inverse
+
+    def leaf(x, w):
+      acc = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), factor.dtype)
+      return (jnp.abs(w).astype(acc) * (factor.astype(acc) * x.astype(acc))).astype(x.dtype)
+
+    return jax.tree.map(leaf, grads, params), AscentCountState(_increment(state.count))
+
+  return _ascent(init, update)

@@ -99,7 +99,8 @@ class CorrectionCountState(NamedTuple):
   count: jax.Array  # int32 scalar: corrections applied (every step, with or without ascent).
 
 
-def surrogate_gap(alpha: ScalarOrSchedule = 0.4) -> optax.GradientTransformationExtraArgs:
+def surrogate_gap(alpha: ScalarOrSchedule = 0.4, *, minimize_fp: bool = True
+                  ) -> optax.GradientTransformationExtraArgs:
   r"""GSAM's correction: descend the perturbed loss and the surrogate gap together.
 
   .. math::
@@ -114,9 +115,25 @@ def surrogate_gap(alpha: ScalarOrSchedule = 0.4) -> optax.GradientTransformation
   (`rho = 0`, steps without a perturbed pass) `g_perp = 0` exactly and `d = g`. The
   coefficient is finite for finite gradients of any magnitude (no overflow of `||g_adv||^2`).
 
+  With `minimize_fp=False` (big_vision's option of that name: minimize the clean loss and the
+  surrogate gap, `min(f, h)`, instead of the perturbed loss and the gap, `min(f_p, h)`) the
+  roles swap: the clean gradient is kept and the part of `g_adv` orthogonal to it is added,
+
+  .. math::
+    g_{adv,\perp} = g_{adv} - \frac{\langle g_{adv}, g \rangle}{\|g\|^2}\, g, \qquad
+    d = g + \alpha\, g_{adv,\perp}
+
+  as `gsam_gradient` computes it (`google-research/big_vision`,
+  `big_vision/trainers/proj/gsam/gsam.py`, read for this rule); big_vision: "closer to
+  conventional training, often more stable (fewer loss spikes)". `alpha = 0` is then the
+  inner optimizer on `g`, and `d = g` exactly where `g_adv = g`. Where `g = 0` the projection
+  is taken as zero (big_vision divides by `||g||` unguarded).
+
   Args:
     alpha: the weight of the orthogonal component, >= 0 (the authors' example 0.4; the paper
-      tunes it in [0, 0.5]); a float or a schedule of the step.
+      tunes it in [0, 0.5]; big_vision's ViT config 0.6); a float or a schedule of the step.
+    minimize_fp: True for GSAM (`d = g_adv - alpha g_perp`), False for big_vision's
+      `d = g + alpha g_adv_perp`.
 
   Returns:
     A descent correction (`optax.GradientTransformationExtraArgs`).
@@ -128,13 +145,20 @@ def surrogate_gap(alpha: ScalarOrSchedule = 0.4) -> optax.GradientTransformation
     ...                   clean_grads={'w': jnp.array([1.0, 2.0])})
     >>> d['w']
     Array([ 1., -1.], dtype=float32)
+    >>> fix = surrogate_gap(alpha=0.5, minimize_fp=False)
+    >>> d, _ = fix.update({'w': jnp.array([1.0, 2.0])}, fix.init(None), None,
+    ...                   clean_grads={'w': jnp.array([1.0, 0.0])})
+    >>> d['w']
+    Array([1., 1.], dtype=float32)
 
   References:
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022,
-    https://arxiv.org/abs/2203.08065
+    https://arxiv.org/abs/2203.08065 (code: https://github.com/google-research/big_vision)
   """
   alpha = check_hparam("alpha", alpha,
                       hint="alpha weighs GSAM's orthogonal component (e.g. 0.4).")
+  if not isinstance(minimize_fp, bool):
+    raise TypeError(f"minimize_fp must be a Python bool, got {type(minimize_fp).__name__}.")
 
   def init(params):
     del params
@@ -143,14 +167,22 @@ def surrogate_gap(alpha: ScalarOrSchedule = 0.4) -> optax.GradientTransformation
   def update(updates, state, params=None, *, clean_grads, param_axis_name=None, **extra):
     del params, extra
     g, g_adv = tree.in_accumulation_dtype(clean_grads), tree.in_accumulation_dtype(updates)
+    a = value_at(alpha, state.count)
+    count = _increment(state.count)
+    if not minimize_fp:
+      # g_adv_perp = delta - (<delta, g> / ||g||^2) g with delta = g_adv - g: the same vector
+      # without cancellation, and exactly zero where g_adv is g.
+      delta = optax.tree.sub(g_adv, g)
+      coef = tree.projection_coefficient(delta, g, axis_name=param_axis_name)
+      residual = jax.tree.map(lambda e, b: e - coef * b, delta, g)
+      d = jax.tree.map(lambda b, r: b + a.astype(b.dtype) * r, g, residual)
+      return optax.tree.cast_like(d, updates), CorrectionCountState(count)
     # g_perp = delta - (<delta, g_adv> / ||g_adv||^2) g_adv with delta = g - g_adv: the same
     # vector without cancellation, and exactly zero where g_adv is g.
     delta = optax.tree.sub(g, g_adv)
     coef = tree.projection_coefficient(delta, g_adv, axis_name=param_axis_name)
     g_perp = jax.tree.map(lambda e, b: e - coef * b, delta, g_adv)
-    a = value_at(alpha, state.count)
     d = jax.tree.map(lambda b, p: b - a.astype(b.dtype) * p, g_adv, g_perp)
-    count = _increment(state.count)
     return optax.tree.cast_like(d, updates), CorrectionCountState(count)
 
   return _correction(init, update)
@@ -413,3 +445,54 @@ def bayesian_descent(b1: ScalarOrSchedule = 0.9, weight_decay: ScalarOrSchedule 
     return d, BayesianDescentState(_increment(state.count), momentum)
 
   return _correction(init, update)
+
+
+# ------------------------------------------------------------------ modern variants (issue 16)
+
+
+def average_with_clean(weight: float = 0.5) -> optax.GradientTransformationExtraArgs:
+  r"""SAGM's correction: the perturbed gradient moved toward the clean one.
+
+  .. math::
+    d = g_{adv} + (\omega\, g - \omega\, g_{adv})
+
+  `weight = 1/2` (the default) is SAGM's `d = (g + g_adv) / 2`, computed as the authors' code
+  does (`Wang-pengfei/SAGM`, `domainbed/sagm/sagm.py`, `gradient_decompose`:
+  `grad += old_g/2 - grad/2`), so that `d = g` exactly where `g_adv = g` (`rho = 0`, steps
+  without a perturbed pass). `weight = 0` is SAM's `d = g_adv`, `weight = 1` the inner
+  optimizer on `g`; in WSAM's terms `weight = 1 - gamma / (1 - gamma)`.
+
+  Args:
+    weight: the clean gradient's share `omega` in [0, 1], a number.
+
+  Returns:
+    A descent correction (`optax.GradientTransformationExtraArgs`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> fix = average_with_clean()
+    >>> d, _ = fix.update({'w': jnp.array([3.0])}, fix.init(None), None,
+    ...                   clean_grads={'w': jnp.array([1.0])})
+    >>> d['w']
+    Array([2.], dtype=float32)
+
+  References:
+    Wang et al., *Sharpness-Aware Gradient Matching for Domain Generalization*, CVPR 2023,
+    https://arxiv.org/abs/2303.10353
+  """
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    raise TypeError(f"weight must be a number in [0, 1], got {type(weight).__name__}.")
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"weight must be in [0, 1] (0.5 is SAGM's average), got {weight}.")
+
+  def update(updates, state, params=None, *, clean_grads, **extra):
+    del params, extra
+
+    def leaf(a, x):
+      acc = jnp.promote_types(jnp.promote_types(a.dtype, x.dtype), jnp.float32)
+      a_, x_ = a.astype(acc), x.astype(acc)
+      return (a_ + (weight * x_ - weight * a_)).astype(a.dtype)
+
+    return jax.tree.map(leaf, updates, clean_grads), state
+
+  return _correction(lambda params: optax.EmptyState(), update)
