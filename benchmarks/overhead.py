@@ -13,7 +13,7 @@ that. This script times, in one process and side by side:
     points sequential or vmapped), K-SAM (`top_k_examples` with k = batch/4, then sam) and the
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
     all of it);
-  * the modern variants of issue 16: gcsam, sagm, and gsam with big_vision's options
+  * the modern variants gcsam, sagm, and gsam with big_vision's options
     (adaptive_perturbation, minimize_fp=False)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A

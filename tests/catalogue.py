@@ -99,7 +99,7 @@ CATALOGUE = [
             lambda h: fref.vasso_direction(h["rho"], h["theta"])),
     Variant("momentum_sam", sam_optax.momentum_sam, {"rho": 0.1},
             lambda h: fref.momentum_sam_direction(h["rho"]), exact_at_rho_zero=False),
-    # SAMPa (issue 15) in the code's form: y peeks at the inner heavy ball's momentum.
+    # SAMPa in the code's form: y peeks at the inner heavy ball's momentum.
     # rho = lam = 0 is the inner optimizer (the gradient re-evaluated at w + 0).
     Variant("sampa", sam_optax.sampa, {"rho": 0.1, "lam": 0.2},
             lambda h: fref.sampa_direction(h["rho"], h["lam"]), two_call=False,

@@ -1303,7 +1303,7 @@ def _at_least_float32(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-# ------------------------------------------------------------------ modern variants (issue 16)
+# ------------------------------------------------------------------ modern variants
 
 
 def _last_axis_but_one_dim(leaf) -> tuple[int, ...]:

@@ -447,7 +447,7 @@ def bayesian_descent(b1: ScalarOrSchedule = 0.9, weight_decay: ScalarOrSchedule 
   return _correction(init, update)
 
 
-# ------------------------------------------------------------------ modern variants (issue 16)
+# ------------------------------------------------------------------ modern variants
 
 
 def average_with_clean(weight: float = 0.5) -> optax.GradientTransformationExtraArgs:

@@ -1416,7 +1416,7 @@ def bsam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.01,
                        name="bsam")
 
 
-# ------------------------------------------------------------------ modern variants (issue 16)
+# ------------------------------------------------------------------ modern variants
 
 
 @variant
