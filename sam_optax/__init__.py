@@ -28,6 +28,7 @@ from sam_optax._src.variants import dnsam
 from sam_optax._src.variants import esam
 from sam_optax._src.variants import fisher_sam
 from sam_optax._src.variants import friendly_sam
+from sam_optax._src.variants import gam
 from sam_optax._src.variants import gcsam
 from sam_optax._src.variants import gsam
 from sam_optax._src.variants import husam
@@ -78,6 +79,11 @@ from sam_optax._src.evaluation import Perturbation
 from sam_optax._src.sampa import SampaState
 from sam_optax._src.sampa import sampa_ascent
 from sam_optax._src.sampa import sampa_correction
+
+# GAM's pieces: an ascent that hands its intermediate gradients to the correction (a carry).
+from sam_optax._src.gam import GamCarry
+from sam_optax._src.gam import gam_ascent
+from sam_optax._src.gam import gam_correction
 
 # Reading the inner optimizer's state (e.g. Adam's second moment) from an ascent.
 from sam_optax._src.inner_state import find_moment
@@ -132,6 +138,10 @@ __all__ = [
     "functional_grad_fn",
     "friendly_ascent",
     "friendly_sam",
+    "gam",
+    "gam_ascent",
+    "gam_correction",
+    "GamCarry",
     "gcsam",
     "gsam",
     "hessian_ascent",

@@ -135,6 +135,14 @@ CATALOGUE = [
                 fref.gsam_rho(fref.warmup_cosine(0.0, 0.1, 5, 20, 0.01), h["rho_max"],
                               h["rho_min"], 0.1, 0.01), h["alpha"], True, False),
             rho_names=("rho_max", "rho_min")),
+    # Accelerated GAM, four gradients, in the paper's form. Weights near CIFAR-100's ResNet
+    # config, but beta away from 0.5, where swapping the weights of g0 and g2 in h- would go
+    # unseen. rho = rho' = 0 gives d = g0 bit for bit.
+    Variant("gam", sam_optax.gam,
+            {"rho": 0.2, "rho_prime": 0.02, "alpha": 0.6, "beta": 0.3, "gamma": 0.05},
+            lambda h: fref.gam_direction(h["rho"], h["rho_prime"], h["alpha"], h["beta"],
+                                         h["gamma"]),
+            two_call=False, rho_names=("rho", "rho_prime")),
 ]
 
 BY_NAME = {v.name: v for v in CATALOGUE}

@@ -351,3 +351,19 @@ def big_vision_gsam_direction(rho_fn, alpha, adaptive_perturbation, minimize_fp)
     u = _unit(g)
     return g + alpha * (g_adv - (g_adv @ u) * u)
   return direction
+
+
+def gam_direction(rho, rho_prime, alpha, beta, gamma, h_minus="paper"):
+  """Accelerated GAM (the paper's Algorithm 2; h_minus="code": xxgege/GAM's gam.py, whose h-
+  has coefficient 1 on g0), each line of the algorithm written out."""
+  def direction(grad, w, t):
+    g0 = grad(w)
+    g1 = grad(w + rho_prime * _unit(g0))
+    w2 = w + rho * _unit(g1 - g0)
+    g2 = grad(w2)
+    g3 = grad(w2 + rho_prime * _unit(g2))
+    h_plus = alpha * g1 + (1 - alpha) * g3
+    h_minus_ = (beta if h_minus == "paper" else 1.0) * g0 + (1 - beta) * g2
+    h_perp = h_minus_ - _ratio(h_minus_ @ h_plus, h_plus @ h_plus) * h_plus
+    return h_plus - gamma * h_perp
+  return direction

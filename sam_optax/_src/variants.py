@@ -20,6 +20,7 @@ import optax
 
 from sam_optax._src import ascents, cadences, corrections, engine
 from sam_optax._src.ascents import Radius
+from sam_optax._src import gam as gam_pieces
 from sam_optax._src import sampa as sampa_pieces
 from sam_optax._src.hyperparams import ScalarOrSchedule
 from sam_optax._src.hyperparams import check_hparam, value_at
@@ -1502,3 +1503,94 @@ def sagm(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05,
   pieces = Pieces(ascent=ascents.sagm_ascent(rho, alpha),
                   correction=corrections.average_with_clean(0.5))
   return build_variant(inner, pieces, dict(rho=rho, alpha=alpha), options, name="sagm")
+
+
+@variant
+def gam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.2,
+        rho_prime: ScalarOrSchedule = 0.03, alpha: ScalarOrSchedule = 0.1,
+        beta: ScalarOrSchedule = 0.1, gamma: ScalarOrSchedule = 0.05,
+        h_minus: Literal["paper", "code"] = "paper",
+        **options: Unpack[SharedOptions]) -> SharpnessAwareTransformation:
+  r"""Accelerated Gradient norm Aware Minimization (GAM): four gradients per step.
+
+  .. math::
+    g_0 = \nabla L(w), \quad g_1 = \nabla L\Big(w + \rho' \frac{g_0}{\|g_0\|}\Big), \quad
+    h_0 = g_1 - g_0, \quad w_2 = w + \rho \frac{h_0}{\|h_0\|},
+
+    g_2 = \nabla L(w_2), \quad g_3 = \nabla L\Big(w_2 + \rho' \frac{g_2}{\|g_2\|}\Big),
+
+    h_+ = \alpha g_1 + (1 - \alpha) g_3, \quad h_- = \beta g_0 + (1 - \beta) g_2, \quad
+    h_{-,\perp} = h_- - \frac{\langle h_-, h_+\rangle}{\|h_+\|^2} h_+, \quad
+    d = h_+ - \gamma\, h_{-,\perp}
+
+  and `w <- w + Opt(d)`. GAM minimizes the perturbed loss together with first-order flatness,
+  the largest gradient norm within the radius: `w2` ascends the gradient norm along the
+  finite difference `h0` (about `rho' H g0/||g0||`, no Hessian-vector product), `h+` mixes the
+  SAM gradients at `w` and at `w2`, and `-gamma h-_perp` lowers the gap between the perturbed
+  and the clean terms without changing `h+`'s loss to first order (GSAM's decomposition). This
+  is the paper's Algorithm 2 ("accelerated GAM", the one the authors release; the
+  Hessian-vector form, Algorithm 1, is not released), read from the official repository's
+  image of it and its code (`xxgege/GAM`, `gam/gam.py`).
+
+  `h_minus` chooses between the paper and the code where they differ: `"paper"` (default) is
+  Algorithm 2's `h- = beta g0 + (1 - beta) g2`; `"code"` is `gam/gam.py`'s
+  `h- = g0 + (1 - beta) g2` (coefficient 1 on `g0`: `pro_m = g_0 + |grad_beta_2| g_2` with
+  `grad_beta_2 = 1 - beta`). Elsewhere the code and the paper agree, up to the guard: here
+  `x/||x||` is 0 where `x = 0`, where the code adds 1e-12 to every norm. The code's
+  `adaptive=True` (`|w|`-weighted norms) is not offered. The code's weight decay is SGD's,
+  applied to `d`: put `optax.add_decayed_weights` in `inner`. Batches: the four gradients use
+  the batch `grad_fn` closes over (the code's too).
+
+  `rho = rho' = 0`: every point is `w`, the four gradients are `g0` and `d = g0`, i.e. the inner
+  optimizer (bit for bit in the paper's form; to rounding in the code's, whose `h-` is then
+  `(2 - beta) g0`, parallel to `h+`). With `gamma = 0` and `alpha = 0`, GAM's direction is the
+  SAM gradient at the gradient-norm ascent point, `g3`.
+
+  Cost: four gradient evaluations per step (the caller's `g0`, `g1` and `g2` inside the
+  ascent, `g3` at the perturbed point), all sequential; no param-sized state: `g1` and `g2`
+  reach the correction through the engine's per-step carry (a `sam_optax.Perturbation`'s
+  `carry`), not the state. One-call form only; `mask` is refused (the correction mixes whole
+  gradients). See `sam_optax.gam_ascent` and `sam_optax.gam_correction`.
+
+  Args:
+    inner: the optimizer (the authors: SGD, momentum 0.9, weight decay 5e-4, cosine lr).
+    rho: the radius of the gradient-norm step along `h0` (the code's `grad_norm_rho`, 0.2 in
+      every published config); a float or a schedule of the step count.
+    rho_prime: the radius of the two SAM steps (the code's `grad_rho`: 0.03 for ResNets on
+      CIFAR-10, 0.02 on CIFAR-100, 0.04 for PyramidNet on CIFAR-100); a float or a schedule.
+    alpha: the weight of `g1` in `h+`, in [0, 1] (`grad_beta_1`: 0.1 on CIFAR-10, 0.6 for
+      ResNets on CIFAR-100); a float or a schedule.
+    beta: the weight of `g0` in `h-`, in [0, 1] (`grad_beta_0`: 0.1 on CIFAR-10, 0.5 for
+      ResNets on CIFAR-100); a float or a schedule.
+    gamma: the weight of the orthogonal component, >= 0 (`grad_gamma`: 0.05 for ResNets on
+      CIFAR-10, 0.03 on CIFAR-100); a float or a schedule.
+    h_minus: `"paper"` or `"code"` (see above); a Python string.
+    **options: the options every variant shares (`SharedOptions`), except `mask` and
+      `two_call`.
+
+  Returns:
+    A `SharpnessAwareTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss = lambda p: jnp.sum(jnp.cos(p['w'])) + jnp.sum(p['w'] ** 2)
+    >>> tx = sam_optax.gam(optax.sgd(0.1, momentum=0.9), rho=0.2, rho_prime=0.03)
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            grad_fn=jax.grad(loss))
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Zhang, Xu, Yu, Zou & Cui, *Gradient Norm Aware Minimization Seeks First-Order Flatness and
+    Improves Generalization*, CVPR 2023, https://arxiv.org/abs/2303.03108 (code:
+    https://github.com/xxgege/GAM)
+  """
+  if options.get("mask") is not None:
+    raise ValueError("gam cannot take mask=: its correction mixes the whole gradients g0..g3, "
+                     "and a mask would restrict the perturbation only. Drop mask.")
+  pieces = Pieces(ascent=gam_pieces.gam_ascent(rho, rho_prime),
+                  correction=gam_pieces.gam_correction(alpha, beta, gamma, h_minus),
+                  needs_grad_fn=True)
+  return build_variant(inner, pieces, dict(rho=rho, rho_prime=rho_prime, alpha=alpha, beta=beta,
+                                           gamma=gamma, h_minus=h_minus), options, name="gam")
