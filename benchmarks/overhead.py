@@ -13,8 +13,8 @@ that. This script times, in one process and side by side:
     points sequential or vmapped), K-SAM (`top_k_examples` with k = batch/4, then sam) and the
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
     all of it);
-  * the modern variants gcsam, sagm, and gsam with big_vision's options
-    (adaptive_perturbation, minimize_fp=False)
+  * the modern variants gcsam, sagm, gsam with big_vision's options
+    (adaptive_perturbation, minimize_fp=False), and accelerated GAM (four gradients)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A
 contender whose constructor this version of sam_optax lacks is reported "missing" and skipped.
@@ -440,6 +440,8 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
              lambda p: one_call_step(p, _constructor("sagm")(_inner(), RHO, alpha=0.001))),
     "gsam_big_vision": ("sam_optax.gsam, adaptive_perturbation, minimize_fp=False", "2",
                         lambda p: one_call_step(p, _gsam_big_vision())),
+    "gam": ("sam_optax.gam (accelerated GAM, the authors' CIFAR-10 defaults)", "4",
+            lambda p: one_call_step(p, _constructor("gam")(_inner()))),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.

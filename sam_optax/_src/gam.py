@@ -105,6 +105,7 @@ def gam_ascent(rho: ScalarOrSchedule = 0.2, rho_prime: ScalarOrSchedule = 0.03
              **extra):
     del extra
     grad_fn = _check_gradient_access("gam_ascent", grad_fn, params)
+    assert params is not None  # _check_gradient_access raised otherwise
     step = jnp.zeros([], jnp.int32) if count is None else count
     radius, radius_prime = value_at(rho, step), value_at(rho_prime, step)
 
