@@ -135,6 +135,31 @@ def test_zero_rho_is_gsam(h_minus, gsam_alpha):
 
 
 @pytest.mark.slow
+def test_scan_and_vmap():
+  """A lax.scan over steps gives the step-by-step trajectory; vmap over two starting points
+  gives each one's own scan (float64, quadratic)."""
+  problem = problems.quadratic(jnp.float64)
+  tx = sam_optax.gam(optax.sgd(0.1, momentum=0.9), **HPARAMS)
+  grad_fn = problem.grad_fn()
+  stepped = problems.trajectory(tx, problem, 4)
+
+  def scanned(params):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(body, (params, tx.init(params)), None, length=4)[0][0]
+
+  problems.assert_trees_close(jax.jit(scanned)(problem.params), stepped[-1], 1e-12)
+  other = jax.tree.map(lambda x: -0.5 * x, problem.params)
+  both = jax.jit(jax.vmap(scanned))(jax.tree.map(lambda a, b: jnp.stack([a, b]),
+                                                 problem.params, other))
+  problems.assert_trees_close(jax.tree.map(lambda x: x[0], both), stepped[-1], 1e-12)
+  problems.assert_trees_close(jax.tree.map(lambda x: x[1], both), jax.jit(scanned)(other),
+                              1e-12)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("average_ascent", [True, False], ids=["global", "per_device"])
 def test_data_parallelism(average_ascent):
   """Global GAM over 4 shards is GAM on the whole batch; per-device GAM (each device's g0, g1,

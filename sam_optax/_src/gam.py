@@ -58,8 +58,8 @@ def gam_ascent(rho: ScalarOrSchedule = 0.2, rho_prime: ScalarOrSchedule = 0.03
 
   with `g0` the clean gradient it is handed; the engine then evaluates
   `g3 = grad L(w + eps) = grad L(w2 + rho' g2/||g2||)`. `h0` is a finite-difference estimate of
-  `rho' H g0/||g0||`, the gradient of the gradient norm's first-order term, so `w2` ascends
-  the gradient norm. `g1` and `g2` are returned in the `Perturbation`'s `carry` (a `GamCarry`)
+  `rho' H g0/||g0|| = rho' grad ||grad L||(w)`, so `w2` ascends the gradient norm without a
+  Hessian-vector product. `g1` and `g2` are returned in the `Perturbation`'s `carry` (a `GamCarry`)
   for `sam_optax.gam_correction`, for this step only. Each `x/||x||` is 0 where `x = 0` (the
   authors add 1e-12 to the norm instead). When a radius may be zero at run time (0, a
   schedule, an injected value), a point that coincides with `w` (a zero offset) takes `g0`

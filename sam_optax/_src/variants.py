@@ -1525,12 +1525,13 @@ def gam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.2,
 
   and `w <- w + Opt(d)`. GAM minimizes the perturbed loss together with first-order flatness,
   the largest gradient norm within the radius: `w2` ascends the gradient norm along the
-  finite difference `h0` (about `rho' H g0/||g0||`, no Hessian-vector product), `h+` mixes the
-  SAM gradients at `w` and at `w2`, and `-gamma h-_perp` lowers the gap between the perturbed
-  and the clean terms without changing `h+`'s loss to first order (GSAM's decomposition). This
-  is the paper's Algorithm 2 ("accelerated GAM", the one the authors release; the
-  Hessian-vector form, Algorithm 1, is not released), read from the official repository's
-  image of it and its code (`xxgege/GAM`, `gam/gam.py`).
+  finite difference `h0` (about `rho' H g0/||g0|| = rho' grad ||grad L||`, no Hessian-vector
+  product), `h+` mixes the SAM gradients at `w` and at `w2`, `h-` the clean gradients there,
+  and `h-_perp` is GSAM's decomposition applied to the two mixtures (`rho = 0` below is GSAM
+  itself). This is the paper's Algorithm 2 ("accelerated GAM", the one the authors release;
+  the Hessian-vector form, Algorithm 1, is not released), as the official repository's image
+  of it states it, checked line by line against its code (`xxgege/GAM`, `gam/gam.py`,
+  `main_cifar.py`).
 
   `h_minus` chooses between the paper and the code where they differ: `"paper"` (default) is
   Algorithm 2's `h- = beta g0 + (1 - beta) g2`; `"code"` is `gam/gam.py`'s
@@ -1543,8 +1544,11 @@ def gam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.2,
 
   `rho = rho' = 0`: every point is `w`, the four gradients are `g0` and `d = g0`, i.e. the inner
   optimizer (bit for bit in the paper's form; to rounding in the code's, whose `h-` is then
-  `(2 - beta) g0`, parallel to `h+`). With `gamma = 0` and `alpha = 0`, GAM's direction is the
-  SAM gradient at the gradient-norm ascent point, `g3`.
+  `(2 - beta) g0`, parallel to `h+`). `rho = 0` alone: `w2 = w`, so `g2 = g0`, `g3 = g1`
+  (SAM's gradient at radius `rho'`) and `d = g1 - gamma g0_perp`, which is
+  `gsam(inner, rho_max=rho', rho_min=rho', alpha=gamma)` (`alpha=(2 - beta) gamma` in the
+  code's form). `alpha = gamma = 0`: `d = g3`, the SAM gradient at the gradient-norm ascent
+  point `w2`.
 
   Cost: four gradient evaluations per step (the caller's `g0`, `g1` and `g2` inside the
   ascent, `g3` at the perturbed point), all sequential; no param-sized state: `g1` and `g2`
@@ -1559,7 +1563,8 @@ def gam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.2,
     rho_prime: the radius of the two SAM steps (the code's `grad_rho`: 0.03 for ResNets on
       CIFAR-10, 0.02 on CIFAR-100, 0.04 for PyramidNet on CIFAR-100); a float or a schedule.
     alpha: the weight of `g1` in `h+`, in [0, 1] (`grad_beta_1`: 0.1 on CIFAR-10, 0.6 for
-      ResNets on CIFAR-100); a float or a schedule.
+      ResNets on CIFAR-100); a float or a schedule (alpha, beta and gamma: of the count of
+      steps with the perturbed pass).
     beta: the weight of `g0` in `h-`, in [0, 1] (`grad_beta_0`: 0.1 on CIFAR-10, 0.5 for
       ResNets on CIFAR-100); a float or a schedule.
     gamma: the weight of the orthogonal component, >= 0 (`grad_gamma`: 0.05 for ResNets on
