@@ -135,6 +135,15 @@ CATALOGUE = [
                 fref.gsam_rho(fref.warmup_cosine(0.0, 0.1, 5, 20, 0.01), h["rho_max"],
                               h["rho_min"], 0.1, 0.01), h["alpha"], True, False),
             rho_names=("rho_max", "rho_min")),
+    # Sparse SAM's dynamic mask (SSAM-D), renewed at steps 2 and 4 within the shortest shared
+    # test's 5 steps: |g| decides which live entries die, random draws which dead ones grow.
+    # SSAM-F needs fisher_fn= at update, which the shared tests do not pass: its tests are in
+    # tests/test_sparse_sam.py.
+    Variant("sparse_sam", functools.partial(sam_optax.sparse_sam, strategy="dynamic",
+                                            update_every=2),
+            {"rho": 0.05, "sparsity": 0.5, "drop_rate": 0.5},
+            lambda h: fref.sparse_dynamic_direction(h["rho"], h["sparsity"], 2, h["drop_rate"]),
+            static_args=("update_every", "seed")),
 ]
 
 BY_NAME = {v.name: v for v in CATALOGUE}
