@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Literal, NamedTuple, Unpack
+from typing import Any, Callable, Literal, NamedTuple, Unpack, cast
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import optax
 from sam_optax._src import control
 from sam_optax._src import masks
 from sam_optax._src import tree
+from sam_optax._src.ascents import _ascent
 from sam_optax._src.ascents import _check_seed
 from sam_optax._src.ascents import _increment
 from sam_optax._src.ascents import _step
@@ -90,12 +91,12 @@ def top_entries(scores: jax.Array, count: Any, eligible: jax.Array | None = None
   return rank < count
 
 
-def _live_count(sparsity, n: int, count: jax.Array) -> Any:
+def _live_count(sparsity: Any, n: int, count: jax.Array) -> Any:
   """`floor(N (1 - s))`: a Python int for a number, a traced int32 for a schedule or an
   injected value (0 where that value is invalid: the radius is NaN there)."""
   if not callable(sparsity):
     return min(n, max(0, math.floor(n * (1.0 - float(sparsity)))))
-  s = value_at(sparsity, count)
+  s = value_at(cast(ScalarOrSchedule, sparsity), count)
   s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
   live = jnp.floor(n * (1 - s))
   return jnp.where(jnp.isfinite(live), jnp.clip(live, 0, n), 0).astype(jnp.int32)
@@ -274,7 +275,7 @@ def sparse_ascent(rho: ScalarOrSchedule = 0.05, sparsity: ScalarOrSchedule = 0.5
     eps = tree.scale(factor, masks.apply(mask, grads))
     return eps, SparseMaskState(_increment(state.count), key, mask)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent(init, update)
 
 
 def fisher_diagonal(per_example_loss: Callable[[Any, Any], jax.Array], params: Any,
