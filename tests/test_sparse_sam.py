@@ -234,7 +234,7 @@ def test_global_ranking_ties_and_the_unmasked_norm():
   np.testing.assert_array_equal(state.mask["b"], [True, False, False, False])
 
 
-@pytest.mark.parametrize("strategy", ["fisher", "dynamic"])
+@pytest.mark.parametrize("strategy", ["fisher", pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_sparsity_zero_is_sam_and_one_is_the_inner_optimizer(strategy):
   """float64: s = 0 gives sam's trajectory and s = 1 the inner optimizer's (to 1e-12: two
   programs may fuse, so round, differently); within one program s = 1 hands the inner
