@@ -114,6 +114,37 @@ def test_fisher_two_call_equals_one_call():
     problems.assert_trees_close(params, one[t], 1e-11)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["vectorized", "sequential"])
+def test_fisher_mask_with_m_sharpness_matches_reference(strategy):
+  """chunk_size=4 (4 chunks): every chunk perturbs with the one Fisher mask, its own g_J and
+  ||g_J||; the descent gradients are averaged."""
+  problem = problems.mlp(jnp.float64)
+  fisher_fn = lambda p: sam_optax.fisher_diagonal(per_example_loss, p, samples_of(problem))
+  tx = sam_optax.sparse_sam(INNER, 0.1, 0.6, "fisher", update_every=2, chunk_size=4,
+                            chunk_strategy=strategy)
+  grad_fn = lambda p, b: jax.grad(problem.loss)(p, b)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(None, state, params, batch=problem.batch, grad_fn=grad_fn,
+                               fisher_fn=fisher_fn)
+    return optax.apply_updates(params, updates), state
+
+  w, unravel = ravel_pytree(problem.params)
+  chunk_grads = [jax.jit(lambda v, j=j: ravel_pytree(grad_fn(unravel(v), jax.tree.map(
+      lambda x: x[4 * j:4 * j + 4], problem.batch)))[0]) for j in range(4)]
+  fisher, v, mask = flat_fisher(problem), jnp.zeros_like(w), None
+  params, state = problem.params, tx.init(problem.params)
+  for t in range(5):
+    params, state = step(params, state)
+    if t % 2 == 0:
+      mask = fref.sparse_top(fisher(w), math.floor(68 * 0.4))
+    d = sum(grad(w + fref.sparse_eps(grad(w), mask, 0.1)) for grad in chunk_grads) / 4
+    w, v = references.heavy_ball(w, v, d, LR, MOMENTUM)
+    problems.assert_trees_close(params, unravel(w), 1e-12)
+
+
 # ------------------------------------------------------------------- trajectories (SSAM-D)
 
 

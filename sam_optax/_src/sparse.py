@@ -374,13 +374,15 @@ def sparse_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05
 
   with `m` a binary mask over all entries of all leaves with exactly
   `live = floor(N (1 - sparsity))` ones, chosen by one global ranking (not per layer), and
-  `||g||` the norm of the unmasked gradient (`||eps|| <= rho`). `sparsity=0` is `sam` and
-  `sparsity=1` the inner optimizer, bit for bit. The mask is recomputed every `update_every`
-  steps, before that step's ascent, inside a `lax.cond`:
+  `||g||` the norm of the unmasked gradient (`||eps|| <= rho`). `sparsity=0` is `sam` (the
+  same perturbation, bit for bit) and `sparsity=1` the inner optimizer (the descent gradient
+  is the clean `g` itself). The mask is recomputed every `update_every` steps, before that
+  step's ascent, inside a `lax.cond`:
 
   * `strategy="fisher"` (SSAM-F): `m` = the `live` largest entries of the Fisher diagonal,
     which the caller computes with `fisher_fn=` (params -> a tree like params), an update
-    keyword evaluated on the mask's update steps only (t = 0 included), e.g.
+    keyword evaluated on the mask's update steps only (t = 0 included, and the first step of
+    a `window`; in the two-call form, pass it to the ascent call), e.g.
     `fisher_fn=lambda p: sam_optax.fisher_diagonal(per_example_loss, p, samples)`, which
     sums the squared per-example gradients of `N_s` examples.
   * `strategy="dynamic"` (SSAM-D): a random initial mask; at each later update step the
@@ -411,8 +413,10 @@ def sparse_sam(inner: optax.GradientTransformation, rho: ScalarOrSchedule = 0.05
   (refused with `False`); `fisher_fn` must return the same Fisher on every device (the same
   samples, or reduced with `jax.lax.pmean` inside it). `param_axis_name` is refused (the
   ranking needs every entry; sharded arrays under `jax.jit` work). Under m-sharpness
-  (`chunk_size`) each chunk's ascent ranks its own chunk gradient and the state keeps the
-  first chunk's mask, so a dynamic mask with a `"gradient"` score is refused there.
+  (`chunk_size`) every chunk perturbs with the same mask, its own `g_J` and `||g_J||`
+  (`fisher_fn` runs once per chunk with `chunk_strategy="sequential"`); a dynamic mask with a
+  `"gradient"` score would rank each chunk's own gradient and keep the first chunk's mask, so
+  it is refused there.
 
   Args:
     inner: the optimizer that takes the descent step.
