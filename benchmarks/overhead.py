@@ -14,7 +14,9 @@ that. This script times, in one process and side by side:
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
     all of it);
   * the modern variants gcsam, sagm, gsam with big_vision's options
-    (adaptive_perturbation, minimize_fp=False), and accelerated GAM (four gradients)
+    (adaptive_perturbation, minimize_fp=False), accelerated GAM (four gradients), and sparse_sam
+    with its dynamic mask and with its Fisher mask (the Fisher of batch/4 examples, one at a
+    time, every 5 steps)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A
 contender whose constructor this version of sam_optax lacks is reported "missing" and skipped.
@@ -356,6 +358,33 @@ def partial_ascent_step(problem, tx) -> Built:
   return Built(step, tx.init(problem.params))
 
 
+SPARSE_EVERY = 5  # sparse_sam's mask period in steps
+
+
+def sparse_fisher_step(problem, tx) -> Built:
+  """Sparse SAM's Fisher mask: `fisher_fn` is `sam_optax.fisher_diagonal`'s rule (the squared
+  gradients of single-example batches, vmapped, summed) on the first batch/4 examples, written
+  over the benchmark's gradient so that the counting build counts it (each 1/batch of a
+  gradient, on the mask's update steps only)."""
+  grad = _grad(problem)
+  k = _subset_size(problem)
+
+  def fisher(params, samples):
+    one = lambda example: grad(params, jax.tree.map(lambda x: x[None], example))
+    per_example = jax.vmap(one)(samples)
+    return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
+                        per_example)
+
+  def step(params, state, batch):
+    samples = jax.tree.map(lambda x: x[:k], batch)
+    updates, state = tx.update(grad(params, batch), state, params,
+                               grad_fn=lambda p: grad(p, batch),
+                               fisher_fn=lambda p: fisher(p, samples))
+    return optax.apply_updates(params, updates), state
+
+  return Built(step, tx.init(problem.params))
+
+
 def _chunk_size(problem) -> int:
   return max(1, problem.batch_size // CHUNK_SIZE_FRACTION)
 
@@ -442,6 +471,13 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
                         lambda p: one_call_step(p, _gsam_big_vision())),
     "gam": ("sam_optax.gam (accelerated GAM, the authors' CIFAR-10 defaults)", "4",
             lambda p: one_call_step(p, _constructor("gam")(_inner()))),
+    "sparse_sam_dynamic": (f"sam_optax.sparse_sam, dynamic mask, s=0.5, every {SPARSE_EVERY}",
+                           "2", lambda p: one_call_step(p, _constructor("sparse_sam")(
+                               _inner(), RHO, 0.5, "dynamic", update_every=SPARSE_EVERY))),
+    "sparse_sam_fisher": (f"sam_optax.sparse_sam, Fisher mask, s=0.5, every {SPARSE_EVERY}",
+                          f"2 + 1/({SUBSET_FRACTION} x {SPARSE_EVERY}) (Fisher)",
+                          lambda p: sparse_fisher_step(p, _constructor("sparse_sam")(
+                              _inner(), RHO, 0.5, "fisher", update_every=SPARSE_EVERY))),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.

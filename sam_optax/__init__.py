@@ -84,6 +84,11 @@ from sam_optax._src.sampa import sampa_correction
 from sam_optax._src.gam import GamCarry
 from sam_optax._src.gam import gam_ascent
 from sam_optax._src.gam import gam_correction
+# Sparse SAM: its mask-keeping ascent, and the Fisher diagonal that ranks SSAM-F's entries.
+from sam_optax._src.sparse import fisher_diagonal
+from sam_optax._src.sparse import sparse_ascent
+from sam_optax._src.sparse import sparse_sam
+from sam_optax._src.sparse import SparseMaskState
 
 # Reading the inner optimizer's state (e.g. Adam's second moment) from an ascent.
 from sam_optax._src.inner_state import find_moment
@@ -133,6 +138,7 @@ __all__ = [
     "esam",
     "find_moment",
     "fisher_ascent",
+    "fisher_diagonal",
     "GradientFreeAscent",
     "fisher_sam",
     "functional_grad_fn",
@@ -179,6 +185,9 @@ __all__ = [
     "SharpnessAwareTransformation",
     "skip_if_nonfinite",
     "SkipIfNonfiniteState",
+    "sparse_ascent",
+    "sparse_sam",
+    "SparseMaskState",
     "ssam",
     "step_count_ascent",
     "stochastic_weight_ascent",

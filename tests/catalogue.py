@@ -143,6 +143,15 @@ CATALOGUE = [
             lambda h: fref.gam_direction(h["rho"], h["rho_prime"], h["alpha"], h["beta"],
                                          h["gamma"]),
             two_call=False, rho_names=("rho", "rho_prime")),
+    # Sparse SAM's dynamic mask (SSAM-D), renewed at steps 2 and 4 within the shortest shared
+    # test's 5 steps: |g| decides which live entries die, random draws which dead ones grow.
+    # SSAM-F needs fisher_fn= at update, which the shared tests do not pass: its tests are in
+    # tests/test_sparse_sam.py.
+    Variant("sparse_sam", functools.partial(sam_optax.sparse_sam, strategy="dynamic",
+                                            update_every=2),
+            {"rho": 0.05, "sparsity": 0.5, "drop_rate": 0.5},
+            lambda h: fref.sparse_dynamic_direction(h["rho"], h["sparsity"], 2, h["drop_rate"]),
+            static_args=("update_every", "seed")),
 ]
 
 BY_NAME = {v.name: v for v in CATALOGUE}

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 
@@ -366,4 +367,77 @@ def gam_direction(rho, rho_prime, alpha, beta, gamma, h_minus="paper"):
     h_minus_ = (beta if h_minus == "paper" else 1.0) * g0 + (1 - beta) * g2
     h_perp = h_minus_ - _ratio(h_minus_ @ h_plus, h_plus @ h_plus) * h_plus
     return h_plus - gamma * h_perp
+  return direction
+
+
+# ------------------------------------------------------------- Sparse SAM: SSAM-F and SSAM-D
+
+
+def sparse_top(scores, count, eligible=None):
+  """The `count` largest `scores` among `eligible` (all when None) as a bool vector: ranked by
+  eligibility, then decreasing score, then index (ties to the lower index); NaN ranks last."""
+  scores = [float(s) for s in np.asarray(scores)]
+  n = len(scores)
+  key = lambda i: (eligible is not None and not bool(eligible[i]),
+                   math.inf if math.isnan(scores[i]) else -scores[i], i)
+  keep = np.zeros(n, bool)
+  keep[sorted(range(n), key=key)[:int(count)]] = True
+  return keep
+
+
+def sparse_live(n, sparsity):
+  return math.floor(n * (1 - sparsity))
+
+
+def sparse_eps(g, mask, rho):
+  """Sparse SAM's perturbation: rho m g / ||g||, the norm of the unmasked g."""
+  return rho * _ratio(1.0, jnp.linalg.norm(g)) * jnp.where(jnp.asarray(mask), g, 0.0)
+
+
+def sparse_fisher_direction(rho, sparsity, update_every, fisher):
+  """SSAM-F as specified: the mask is the top-live of fisher(w) at t % update_every == 0
+  (t = 0 included), before the ascent."""
+  kept = {"mask": None}
+
+  def direction(grad, w, t):
+    if kept["mask"] is None or t % update_every == 0:
+      kept["mask"] = sparse_top(fisher(w), sparse_live(w.size, sparsity))
+    g = grad(w)
+    return grad(w + sparse_eps(g, kept["mask"], rho))
+  return direction
+
+
+def sparse_dynamic_direction(rho, sparsity, update_every, drop_rate, drop_score="gradient",
+                             growth_score="random", seed=0, masks=None):
+  """SSAM-D as specified: a random initial mask (key, sub = split(PRNGKey(seed)), uniform
+  float32 scores over the concatenated entries); at t > 0 with t % update_every == 0, before
+  the ascent, key, sub = split(key), k_drop, k_grow = split(sub); d = min(live -
+  floor(live (1 - dr_t)), N - live) live entries of smallest drop score die and the d old-dead
+  entries of largest growth score live. `masks` collects each step's mask when given."""
+  kept = {"key": None, "mask": None}
+
+  def scores(kind, key, g, w):
+    if kind == "random":
+      return np.asarray(jax.random.uniform(key, (w.size,), jnp.float32))
+    return np.abs(np.asarray(g if kind == "gradient" else w))
+
+  def direction(grad, w, t):
+    n = w.size
+    live = sparse_live(n, sparsity)
+    g = grad(w)
+    if kept["mask"] is None:
+      kept["key"], sub = jax.random.split(jax.random.PRNGKey(seed))
+      kept["mask"] = sparse_top(jax.random.uniform(sub, (n,), jnp.float32), live)
+    elif t % update_every == 0:
+      kept["key"], sub = jax.random.split(kept["key"])
+      k_drop, k_grow = jax.random.split(sub)
+      rate = float(drop_rate(t)) if callable(drop_rate) else drop_rate
+      d = min(live - math.floor(live * (1 - rate)), n - live)
+      old = kept["mask"]
+      keep = sparse_top(scores(drop_score, k_drop, g, w), live - d, eligible=old)
+      grow = sparse_top(scores(growth_score, k_grow, g, w), d, eligible=~old)
+      kept["mask"] = keep | grow
+    if masks is not None:
+      masks.append(kept["mask"].copy())
+    return grad(w + sparse_eps(g, kept["mask"], rho))
   return direction
