@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +170,7 @@ def dynamic_loss_scale(tx: optax.GradientTransformation,
 
   def init(params):
     _refuse_apply_if_finite_around()
-    inner_state = skipping.init(params)
+    inner_state = cast(nonfinite.SkipIfNonfiniteState, skipping.init(params))
     _refuse_skipping_inside(inner_state.inner_state)
     return DynamicLossScaleState(dynamic_scale=_as_arrays(dynamic_scale),
                                  inner_state=inner_state)
