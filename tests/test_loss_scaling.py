@@ -364,6 +364,31 @@ def test_inject_hyperparams_scan_and_one_compilation():
 
 
 @pytest.mark.slow
+def test_vmap_over_runs_keeps_each_runs_scale():
+  """Three runs under one vmap, whose losses overflow at different scales: each run skips and
+  lowers its own scale."""
+  tx = sam_optax.dynamic_loss_scale(sam_optax.sam(optax.sgd(0.1), rho=RHO),
+                                    DynamicScale(scale=2.0 ** 15))
+  loss_c = lambda p, c: jnp.sum((c * p["w"]).astype(F16) ** 2).astype(F32)
+
+  def run(c):
+    params = {"w": jnp.asarray([1.0, -2.0], F32)}
+    state = tx.init(params)
+    for _ in range(3):
+      scale = sam_optax.loss_scale(state)
+      grad_fn = jax.grad(lambda p: scale * loss_c(p, c))
+      updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+      params = optax.apply_updates(params, updates)
+    return state.dynamic_scale.scale, state.inner_state.total_notfinite
+
+  scales, skipped = jax.jit(jax.vmap(run))(jnp.asarray([0.5, 1.0, 100.0], F32))
+  for c, scale, count in zip([0.5, 1.0, 100.0], scales, skipped):
+    _, expected = run(jnp.asarray(c, F32))
+    assert int(count) == int(expected) and float(scale) == 2.0 ** 15 / 2 ** int(count)
+  assert list(np.asarray(skipped)) == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_m_sharpness_grad_fn_of_params_and_batch_is_unscaled():
   problem = problems.mlp(jnp.float32)
   x, y = problem.batch

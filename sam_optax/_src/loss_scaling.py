@@ -107,6 +107,10 @@ def dynamic_loss_scale(tx: optax.GradientTransformation,
   defaults keep it one) and gradients in float32's normal range, scaling and unscaling are
   exact: the step equals the unscaled one bit for bit.
 
+  Clipping belongs in the inner optimizer (`sam_optax.sam(optax.chain(
+  optax.clip_by_global_norm(1.0), optax.adam(1e-3)))`), which sees unscaled gradients; a
+  clipping transformation chained before this wrapper would clip the scaled ones.
+
   Why Flax's `DynamicScale`: it is maintained with Flax (`sam_optax.flax`'s dependency; the
   same fields and rule from flax 0.12.0, sam_optax's floor, on), it is a pytree that orbax
   checkpoints with the optimizer state, and Flax users know it. DeepMind's `jmp` has the same
