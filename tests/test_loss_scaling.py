@@ -404,6 +404,22 @@ def test_m_sharpness_grad_fn_of_params_and_batch_is_unscaled():
   assert tree_equal(updates, expected)
 
 
+@pytest.mark.parametrize("inner", [optax.lion(1e-3), optax.sgd(0.1)], ids=["lion", "sgd"])
+def test_overflow_is_caught_through_a_sign_based_inner_optimizer(inner):
+  """Lion turns an infinite entry of the perturbed gradient into a finite update (sign(inf) =
+  1): the wrapper must still skip the step and keep Lion's state finite."""
+  tx = sam_optax.dynamic_loss_scale(sam_optax.sam(inner, rho=RHO), DynamicScale(scale=2.0 ** 10))
+  params = {"w": jnp.asarray([1.0, -2.0], F32), "b": jnp.asarray(0.5, F32)}
+  state = tx.init(params)
+  grads = {"w": jnp.asarray([1.0, 1.0], F32), "b": jnp.asarray(1.0, F32)}
+  overflow = lambda p: {"w": jnp.asarray([jnp.inf, 1.0], F32), "b": jnp.asarray(1.0, F32)}
+  updates, new_state = tx.update(grads, state, params, grad_fn=overflow)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  assert tree_equal(sam_state_of(new_state), sam_state_of(state))
+  assert int(new_state.inner_state.total_notfinite) == 1
+  assert float(new_state.dynamic_scale.scale) == 2.0 ** 9
+
+
 def test_misuse_is_refused_with_the_fix():
   sam = sam_optax.sam(optax.sgd(0.1))
   params = {"w": jnp.ones(2, F32)}

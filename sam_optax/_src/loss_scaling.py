@@ -32,6 +32,7 @@ from sam_optax._src import checks
 from sam_optax._src import control
 from sam_optax._src import engine
 from sam_optax._src import nonfinite
+from sam_optax._src.evaluation import nan_unless_finite
 from sam_optax._src.hyperparams import check_positive_int
 
 if TYPE_CHECKING:  # the core does not import Flax; only dynamic_loss_scale's default does
@@ -82,7 +83,9 @@ def dynamic_loss_scale(tx: optax.GradientTransformation,
 
   A step is skipped when a gradient of either pass holds a NaN or an infinity (an overflow of
   `S L`'s backward pass): this is `sam_optax.skip_if_nonfinite` around `tx`, which judges the
-  step by its updates, and the engine carries a non-finite `g` or `g_adv` into them. The
+  step by its updates. The wrapper makes an unscaled gradient with a non-finite entry NaN
+  everywhere, so that it reaches the updates through any inner optimizer, sign-based ones
+  (Lion) included, which would turn an infinite entry into a finite update. The
   skipped step leaves the wrapped state (inner optimizer, ascent, correction, step count) and
   the params as they were, and the Flax helpers (`sam_optax.flax.sam_step`,
   `linen_sam_step`) the model's state too (BatchNorm statistics). In the two-call form the
@@ -182,7 +185,7 @@ def dynamic_loss_scale(tx: optax.GradientTransformation,
   def step(call, grads, state, params=None, **extra):
     _refuse_apply_if_finite_around()
     scale = jnp.asarray(state.dynamic_scale.scale)
-    grads = unscale(grads, scale)
+    grads = _unscaled_or_nan(grads, scale)
     if extra.get("grad_fn") is not None:
       extra["grad_fn"] = _unscaled_grad_fn(extra["grad_fn"], scale, has_aux)
     skip_state = state.inner_state
@@ -292,9 +295,24 @@ def _unscaled_grad_fn(grad_fn, scale, has_aux):
   def unscaled(*args):
     out = grad_fn(*args)
     if has_aux and isinstance(out, tuple) and len(out) == 2:
-      return unscale(out[0], scale), out[1]
-    return unscale(out, scale)
+      return _unscaled_or_nan(out[0], scale), out[1]
+    return _unscaled_or_nan(out, scale)
   return unscaled
+
+
+def _unscaled_or_nan(grads, scale):
+  """`unscale(grads, scale)`, NaN everywhere when an entry is not finite.
+
+  An overflow reaches the updates through most inner optimizers, but a sign-based one (Lion,
+  signSGD) turns an infinite entry of the perturbed gradient into a finite update, and the step
+  would be taken with an infinity in its state. A whole NaN gradient gives NaN updates through
+  any of them; the test is one norm of the gradient (which the normalized ascents take anyway
+  on `g`).
+  """
+  unscaled = unscale(grads, scale)
+  if unscaled is None or not jax.tree.leaves(unscaled):
+    return unscaled
+  return nan_unless_finite(unscaled, (unscaled,), axis_name=None)
 
 
 def _default_dynamic_scale():
