@@ -106,9 +106,15 @@ def dynamic_loss_scale(tx: optax.GradientTransformation,
 
   Unscaling: each gradient leaf is cast to float32 (or kept in float64) and divided by `S`
   there; the unscaled gradient stays in that dtype (float16 gradients become float32, as in
-  Flax), so a value below float16's range is not flushed again. With `S` a power of two (the
-  defaults keep it one) and gradients in float32's normal range, scaling and unscaling are
-  exact: the step equals the unscaled one bit for bit.
+  Flax; Flax also casts float64 gradients to float32, which this keeps in float64), so a value
+  below float16's range is not flushed again. With `S` a power of two (the default scale and
+  factors keep it one) and gradients in float32's normal range, scaling and unscaling are
+  exact: the wrapped step receives the unscaled gradients bit for bit, and op by op the step
+  equals the unscaled one bit for bit (a jitted step is a larger program, whose fusions may
+  round the last bit of a step differently).
+
+  Deviation from Flax: the step is judged by its updates (see above), so an inner optimizer
+  that makes finite gradients non-finite also skips the step and lowers the scale.
 
   Clipping belongs in the inner optimizer (`sam_optax.sam(optax.chain(
   optax.clip_by_global_norm(1.0), optax.adam(1e-3)))`), which sees unscaled gradients; a
