@@ -17,6 +17,8 @@ that. This script times, in one process and side by side:
     (adaptive_perturbation, minimize_fp=False), accelerated GAM (four gradients), and sparse_sam
     with its dynamic mask and with its Fisher mask (the Fisher of batch/4 examples, one at a
     time, every 5 steps)
+  * sam under `dynamic_loss_scale` (both passes' losses scaled, both gradients unscaled, the
+    step's finiteness tested: the float16 recipe's cost on top of sam)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A
 contender whose constructor this version of sam_optax lacks is reported "missing" and skipped.
@@ -171,16 +173,17 @@ def _tap(name: str, fraction: float) -> Callable:
   return tap
 
 
-def _grad(problem) -> Callable:
-  """`jax.grad(problem.loss)`; in a counting build, one entry of each gradient passes `_tap`."""
-  grad = jax.grad(problem.loss)
+def _grad(problem, loss: Callable | None = None) -> Callable:
+  """`jax.grad(problem.loss)` (or of `loss(params, batch, *rest)`); in a counting build, one
+  entry of each gradient passes `_tap`."""
+  grad = jax.grad(problem.loss if loss is None else loss)
   name = COUNTER.building
   if name is None:
     return grad
   full = problem.batch_size
 
-  def counted(params, batch):
-    g = grad(params, batch)
+  def counted(params, batch, *rest):
+    g = grad(params, batch, *rest)
     fraction = jax.tree.leaves(batch)[0].shape[0] / full  # static: a sub-batch counts its share
     leaves, treedef = jax.tree.flatten(g)
     flat = jnp.ravel(leaves[0])
@@ -289,6 +292,21 @@ def one_call_step(problem, tx, *, calls_grad_fn_with_index=False, cycle=1) -> Bu
     return optax.apply_updates(params, updates), state
 
   return Built(step, tx.init(problem.params), cycle=cycle)
+
+
+def loss_scaled_step(problem, tx) -> Built:
+  """The float16 recipe's one-call step: both passes differentiate the loss times the state's
+  loss scale (`sam_optax.loss_scale`), which `dynamic_loss_scale` divides out of both
+  gradients. The benchmark's losses never overflow at the default scale: every step is taken."""
+  grad = _grad(problem, lambda params, batch, scale: scale * problem.loss(params, batch))
+
+  def step(params, state, batch):
+    scale = sam_optax.loss_scale(state)
+    grad_fn = lambda p: grad(p, batch, scale)
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  return Built(step, tx.init(problem.params))
 
 
 def two_call_step(problem, tx) -> Built:
@@ -478,6 +496,9 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
                           f"2 + 1/({SUBSET_FRACTION} x {SPARSE_EVERY}) (Fisher)",
                           lambda p: sparse_fisher_step(p, _constructor("sparse_sam")(
                               _inner(), RHO, 0.5, "fisher", update_every=SPARSE_EVERY))),
+    "sam_loss_scale": ("sam under sam_optax.dynamic_loss_scale (Flax's DynamicScale)", "2",
+                       lambda p: loss_scaled_step(p, _constructor("dynamic_loss_scale")(
+                           sam_optax.sam(_inner(), RHO)))),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.

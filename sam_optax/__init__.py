@@ -107,11 +107,15 @@ from sam_optax._src import cadences
 from sam_optax._src.masks import Mask
 from sam_optax._src.masks import normalization_mask
 
-# ESAM's and K-SAM's data selection, Functional-SAM's perturbed pass, and skipping
-# non-finite steps.
+# ESAM's and K-SAM's data selection, Functional-SAM's perturbed pass, skipping non-finite
+# steps, and loss scaling.
 from sam_optax._src.functional import functional_grad_fn
 from sam_optax._src.nonfinite import skip_if_nonfinite
 from sam_optax._src.nonfinite import SkipIfNonfiniteState
+# Dynamic loss scaling (float16 training) through both passes, built on skip_if_nonfinite.
+from sam_optax._src.loss_scaling import DynamicLossScaleState
+from sam_optax._src.loss_scaling import dynamic_loss_scale
+from sam_optax._src.loss_scaling import loss_scale
 from sam_optax._src.selection import sharpness_sensitive_grad_fn
 from sam_optax._src.selection import top_k_examples
 
@@ -135,6 +139,8 @@ __all__ = [
     "decoupled_sharpness_step",
     "deterministic_normalized_ascent",
     "dnsam",
+    "dynamic_loss_scale",
+    "DynamicLossScaleState",
     "esam",
     "find_moment",
     "fisher_ascent",
@@ -153,6 +159,7 @@ __all__ = [
     "hessian_ascent",
     "husam",
     "look_ahead_reuse",
+    "loss_scale",
     "looksam",
     "lr_proportional_rho",
     "momentum_ascent",

@@ -26,6 +26,11 @@ conventions of the field guide:
 Transformations with a cadence or a window (e.g. LookSAM) skip the perturbed pass on some
 steps; on those steps `perturbed_loss` is the clean loss (the perturbation is zero) and the
 clean pass's state is kept whatever the option.
+
+float16 training: with an optimizer built by `sam_optax.dynamic_loss_scale`, both steps
+differentiate the loss times the state's loss scale in both passes (the transformation unscales
+the gradients), report the unscaled losses, and leave the model's state untouched on a step
+that overflowed.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
 _as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 
 from sam_optax._src.engine import SharpnessAwareState, SharpnessAwareTransformation
+from sam_optax._src.loss_scaling import find_loss_scale_state, loss_scale
 
 __all__ = ["StepMetrics", "sam_step", "SAMTrainState", "linen_sam_step"]
 
@@ -100,6 +106,12 @@ def sam_step(
   `nnx.Optimizer.update` does). The skip is read from the step count of the sharpness-aware
   state inside `optimizer.opt_state`, which a skipped step does not advance; with a plain
   optax optimizer the state is written as usual.
+
+  float16 compute: with `optimizer.tx` built by `sam_optax.dynamic_loss_scale`, both passes
+  differentiate `S * loss_fn(model, batch)`, `S = sam_optax.loss_scale(optimizer.opt_state)`
+  (the transformation unscales both gradients in float32), the losses reported are unscaled,
+  and a step whose gradient overflowed in either pass is skipped with the model's state and the
+  scale lowered, as above.
 
   `optimizer.tx` should be a `sam_optax` transformation built with `has_aux=True` (e.g.
   `sam_optax.sam(optax.sgd(0.1), has_aux=True)`): the step then passes the perturbed pass's
@@ -180,24 +192,26 @@ def sam_step(
   params = _as_pure(params)
   rngs_before = _as_pure(rngs_before)
   other_before = _as_pure(other_before)
+  opt_state = _as_pure(optimizer.opt_state)
+  scale = _loss_scale_or_none(opt_state)
 
   def run(p, rng_state):
-    """loss_fn at params p, from the pre-step state: (loss, (aux, rng state, other state))."""
+    """loss_fn at params p, from the pre-step state: (loss times the loss scale, (loss, aux,
+    rng state, other state))."""
     copy = nnx.merge(graphdef, p, rng_state, other_before)
     out = loss_fn(copy, batch)
     loss, aux = _split_loss(out, has_aux, "loss_fn(model, batch)")
     _, _, rng_after, other_after = nnx.split(copy, wrt, nnx.RngState, ..., **graph_kw)
-    return loss, (aux, _as_pure(rng_after), _as_pure(other_after))
+    return _scaled(loss, scale), (loss, aux, _as_pure(rng_after), _as_pure(other_after))
 
   value_and_grad = jax.value_and_grad(run, has_aux=True)
-  (loss, (aux, rngs_clean, other_clean)), grads = value_and_grad(params, rngs_before)
+  (_, (loss, aux, rngs_clean, other_clean)), grads = value_and_grad(params, rngs_before)
   rngs_perturbed_start = rngs_clean if fresh_rngs else rngs_before
 
   param_arrays = params
-  opt_state = _as_pure(optimizer.opt_state)
   if reports:
     def grad_and_aux(p):
-      (p_loss, (_, p_rngs, p_other)), p_grads = value_and_grad(p, rngs_perturbed_start)
+      (_, (p_loss, _, p_rngs, p_other)), p_grads = value_and_grad(p, rngs_perturbed_start)
       # The flag is True here and zero (False) on steps where the engine skips this pass.
       return p_grads, (jnp.ones([], jnp.bool_), p_loss, _keys_to_data((p_rngs, p_other)))
 
@@ -273,7 +287,9 @@ def linen_sam_step(
   `keep_perturbed_state=True`. For fresh randomness in the perturbed pass, pass
   `perturbed_loss_fn`, the same function with another dropout key. A step that
   `sam_optax.skip_if_nonfinite` (or `optax.apply_if_finite`) skips leaves the collections
-  (e.g. `batch_stats`) as they were, with the params; `step` still counts it.
+  (e.g. `batch_stats`) as they were, with the params; `step` still counts it. With `state.tx`
+  built by `sam_optax.dynamic_loss_scale`, both passes differentiate `S * loss_fn(params)`,
+  `S = sam_optax.loss_scale(state.opt_state)`, and the losses reported are unscaled.
 
   Args:
     state: a `flax.training.train_state.TrainState` (or subclass, e.g. `SAMTrainState`) whose
@@ -325,6 +341,8 @@ def linen_sam_step(
     raise ValueError("linen_sam_step does not support overwrite-with-gradient params "
                      f"({_OVERWRITE_WITH_GRADIENT!r}); use apply_gradients for those models.")
 
+  scale = _loss_scale_or_none(state.opt_state)
+
   def pure(fn):
     def wrapped(p):
       out = fn(p)
@@ -342,14 +360,15 @@ def linen_sam_step(
         raise ValueError(f"With mutable=True, loss_fn must return (loss, updates) with updates "
                          f"a dict of collections, e.g. {{'batch_stats': ...}}, as apply(..., "
                          f"mutable=['batch_stats']) returns; got {type(updates).__name__}.")
-      return loss, (dict(cast(Any, updates)), aux)  # a mapping: checked just above
+      # a mapping: checked just above
+      return _scaled(loss, scale), (loss, dict(cast(Any, updates)), aux)
     return jax.value_and_grad(wrapped, has_aux=True)
 
-  (loss, (updates_clean, aux)), grads = pure(loss_fn)(state.params)
+  (_, (loss, updates_clean, aux)), grads = pure(loss_fn)(state.params)
   perturbed_grad = pure(perturbed_loss_fn)
   if reports:
     def grad_and_aux(p):
-      (p_loss, (p_updates, _)), p_grads = perturbed_grad(p)
+      (_, (p_loss, p_updates, _)), p_grads = perturbed_grad(p)
       return p_grads, (jnp.ones([], jnp.bool_), p_loss, _keys_to_data(p_updates))
 
     sam_tx = cast(SharpnessAwareTransformation, tx)  # what _reports_aux found
@@ -458,6 +477,16 @@ def _reports_aux(tx) -> bool:
                      "the transformation: build it with has_aux=True, e.g. "
                      "sam_optax.sam(optax.sgd(0.1), rho=0.05, has_aux=True).")
   return True
+
+
+def _loss_scale_or_none(opt_state):
+  """The loss scale of a `sam_optax.dynamic_loss_scale` in the optimizer state, or None."""
+  return None if find_loss_scale_state(opt_state) is None else loss_scale(opt_state)
+
+
+def _scaled(loss, scale):
+  """The loss both passes differentiate: times the loss scale, when the optimizer has one."""
+  return loss if scale is None else loss * scale
 
 
 def _split_loss(out, has_aux, what):

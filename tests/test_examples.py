@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,8 +137,22 @@ def test_data_parallel_runs_past_the_in_flight_limit():
   assert "150 steps" in out and out.count("same params: yes") == 2, out
 
 
+@pytest.mark.slow  # about 10 s of CPU (25 s on a busy machine); the full suite runs it
+def test_mixed_precision_at_its_defaults():
+  """float16 compute with a dynamic loss scale: the growing scale overflows at some steps,
+  which are skipped, and the run still learns the digits."""
+  out = check(run_example("mixed_precision.py"))
+  assert f"{5 * (1347 // 32)} steps" in out and "master weights float32, compute float16" in out
+  last = out.strip().splitlines()[-2]
+  scale = float(last.split("loss scale ")[1].split(",")[0])
+  assert scale >= 2.0 ** 16 and np.log2(scale) == int(np.log2(scale)), out  # a power of two
+  skipped = int(last.rsplit(" ", 1)[1])
+  accuracy = float(last.split("test accuracy ")[1].split(",")[0])
+  assert skipped > 0 and accuracy > 0.9, out
+
+
 @pytest.mark.parametrize("name", ["train.py", "checkpoint.py", "linen_batchnorm.py",
-                                  "data_parallel.py"])
+                                  "data_parallel.py", "mixed_precision.py"])
 def test_examples_have_usage(name):
   text = (EXAMPLES / name).read_text()
   assert text.startswith('"""') and "--smoke" in text
