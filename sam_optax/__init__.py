@@ -31,6 +31,7 @@ from sam_optax._src.variants import friendly_sam
 from sam_optax._src.variants import gcsam
 from sam_optax._src.variants import gsam
 from sam_optax._src.variants import husam
+from sam_optax._src.lookbehind import lookbehind_sam
 from sam_optax._src.variants import looksam
 from sam_optax._src.variants import momentum_sam
 from sam_optax._src.variants import multistep_sam
@@ -137,6 +138,7 @@ __all__ = [
     "hessian_ascent",
     "husam",
     "look_ahead_reuse",
+    "lookbehind_sam",
     "looksam",
     "lr_proportional_rho",
     "momentum_ascent",

@@ -29,7 +29,7 @@ STEPS = 3  # LookSAM reads alpha from its second step; EMA decays reach eps one 
 UPPER_BOUNDED = {("unified_sam", "lam"), ("dnsam", "decay"), ("friendly_sam", "lam"),
                  ("vasso", "theta"), ("esam", "beta"), ("wsam", "gamma"), ("bsam", "b1"),
                  ("bsam", "b2"), ("rst", "probability"), ("ae_sam", "decay"),
-                 ("ae_looksam", "decay"), ("sampa", "lam")}
+                 ("ae_looksam", "decay"), ("sampa", "lam"), ("lookbehind_sam", "alpha")}
 # Hyperparameters valid at any finite value (AE-SAM's threshold c_t may be negative).
 UNBOUNDED = {("ae_sam", "threshold"), ("ae_looksam", "threshold")}
 
