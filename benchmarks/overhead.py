@@ -13,8 +13,9 @@ that. This script times, in one process and side by side:
     points sequential or vmapped), K-SAM (`top_k_examples` with k = batch/4, then sam) and the
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
     all of it);
-  * the modern variants gcsam, sagm, and gsam with big_vision's options
-    (adaptive_perturbation, minimize_fp=False)
+  * the modern variants gcsam, sagm, gsam with big_vision's options
+    (adaptive_perturbation, minimize_fp=False), and lookbehind_sam (k=2: three gradients, two
+    inner steps per step)
 
 on an MLP, a small ResNet-style CNN and a small Transformer (benchmarks/models.py). A
 contender whose constructor this version of sam_optax lacks is reported "missing" and skipped.
@@ -100,6 +101,7 @@ DEFAULT_OUT = os.path.join("benchmarks", "results", "overhead.json")
 RHO = 0.05
 LR = 1e-3
 LOOKSAM_K = 5
+LOOKBEHIND_K = 2  # the authors' README default
 CHUNK_SIZE_FRACTION = 4  # m-sharpness: the batch is split into this many chunks
 SUBSET_FRACTION = 4  # K-SAM keeps batch/4 examples; the partial ascent takes batch/4
 RST_PROBABILITY = 0.5
@@ -440,6 +442,10 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
              lambda p: one_call_step(p, _constructor("sagm")(_inner(), RHO, alpha=0.001))),
     "gsam_big_vision": ("sam_optax.gsam, adaptive_perturbation, minimize_fp=False", "2",
                         lambda p: one_call_step(p, _gsam_big_vision())),
+    "lookbehind_sam": (f"sam_optax.lookbehind_sam, k={LOOKBEHIND_K}, alpha=0.5",
+                       f"k+1 = {LOOKBEHIND_K + 1}",
+                       lambda p: one_call_step(p, _constructor("lookbehind_sam")(
+                           _inner(), RHO, k=LOOKBEHIND_K, alpha=0.5))),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.
