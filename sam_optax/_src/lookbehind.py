@@ -84,9 +84,9 @@ def lookbehind_sam(inner: optax.GradientTransformation, rho: Radius = 0.05, k: i
   the `window` does.
 
   Cost: `k + 1` gradient evaluations per update (the caller's `g` and `k` calls of `grad_fn`,
-  at `u_1 .. u_k`) and `k` inner steps; beyond SAM's, two param-sized buffers live during the
-  update (the fast weights' displacement and the perturbed point; a third, the first
-  displacement, with `alpha=None`), none in the state. One-call form only.
+  at `u_1 .. u_k`) and `k` inner steps; beyond SAM's buffers, the fast weights' displacement
+  `theta_j - phi` and the fast weights handed to the inner optimizer live during the update (and
+  the first displacement with `alpha=None`), none in the state. One-call form only.
 
   Source: the authors' code (chandar-lab/Lookbehind-SAM, `lookbehind.py`, `example_cifar.py`:
   `k` ascent/descent pairs on one batch, slow weights cached, the cosine rule for `alpha=-1`).
