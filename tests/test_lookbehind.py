@@ -374,6 +374,41 @@ def test_scan_and_injected_alpha_schedule():
   assert run._cache_size() == 1
 
 
+@pytest.mark.slow
+def test_flax_nnx_sam_step_reads_the_last_perturbed_loss():
+  """`sam_optax.flax.sam_step` drives it unchanged; its perturbed loss is the loss at u_k."""
+  nnx = pytest.importorskip("flax.nnx")
+  import sam_optax.flax  # pylint: disable=import-outside-toplevel
+
+  class Linear(nnx.Module):
+    def __init__(self, rngs):
+      self.layer = nnx.Linear(3, 2, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+      return self.layer(x)
+
+  model = Linear(nnx.Rngs(0))
+  w0 = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))  # before the step updates it
+  rho, k = 0.2, 2
+  tx = sam_optax.lookbehind_sam(optax.sgd(0.1), rho=rho, k=k, has_aux=True)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.arange(12.0, dtype=jnp.float64).reshape(4, 3) / 10
+  y = jnp.ones((4, 2), jnp.float64)
+  loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+  metrics = sam_optax.flax.sam_step(model, optimizer, loss_fn, (x, y))
+  graphdef = nnx.graphdef(model)
+  loss_at = lambda state: loss_fn(nnx.merge(graphdef, state), (x, y))
+  w, unravel = ravel_pytree(w0)
+  flat_grad = lambda v: ravel_pytree(jax.grad(loss_at)(unravel(v)))[0]
+  u, g = w, flat_grad(w)
+  for _ in range(k):
+    u = u + rho * unit(g)
+    g = flat_grad(u)
+  np.testing.assert_allclose(float(metrics.perturbed_loss), float(loss_at(unravel(u))),
+                             rtol=1e-12)
+  np.testing.assert_allclose(float(metrics.loss), float(loss_at(w0)), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------- misuse
 
 
