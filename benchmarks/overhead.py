@@ -14,9 +14,9 @@ that. This script times, in one process and side by side:
     partial-batch ascent recipe (the clean gradient on a quarter of the batch, the descent on
     all of it);
   * the modern variants gcsam, sagm, gsam with big_vision's options
-    (adaptive_perturbation, minimize_fp=False), accelerated GAM (four gradients), and sparse_sam
+    (adaptive_perturbation, minimize_fp=False), accelerated GAM (four gradients), sparse_sam
     with its dynamic mask and with its Fisher mask (the Fisher of batch/4 examples, one at a
-    time, every 5 steps)
+    time, every 5 steps), and lookbehind_sam (k=2: three gradients, two inner steps per step)
   * sam under `dynamic_loss_scale` (both passes' losses scaled, both gradients unscaled, the
     step's finiteness tested: the float16 recipe's cost on top of sam)
 
@@ -104,6 +104,7 @@ DEFAULT_OUT = os.path.join("benchmarks", "results", "overhead.json")
 RHO = 0.05
 LR = 1e-3
 LOOKSAM_K = 5
+LOOKBEHIND_K = 2  # the authors' README default
 CHUNK_SIZE_FRACTION = 4  # m-sharpness: the batch is split into this many chunks
 SUBSET_FRACTION = 4  # K-SAM keeps batch/4 examples; the partial ascent takes batch/4
 RST_PROBABILITY = 0.5
@@ -499,6 +500,10 @@ CONTENDERS: dict[str, tuple[str, str, Callable]] = {
     "sam_loss_scale": ("sam under sam_optax.dynamic_loss_scale (Flax's DynamicScale)", "2",
                        lambda p: loss_scaled_step(p, _constructor("dynamic_loss_scale")(
                            sam_optax.sam(_inner(), RHO)))),
+    "lookbehind_sam": (f"sam_optax.lookbehind_sam, k={LOOKBEHIND_K}, alpha=0.5",
+                       f"k+1 = {LOOKBEHIND_K + 1}",
+                       lambda p: one_call_step(p, _constructor("lookbehind_sam")(
+                           _inner(), RHO, k=LOOKBEHIND_K, alpha=0.5))),
 }
 
 # (label, contender, reference, bound): contender's time (or memory) <= bound x reference's.

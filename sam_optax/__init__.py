@@ -32,6 +32,7 @@ from sam_optax._src.variants import gam
 from sam_optax._src.variants import gcsam
 from sam_optax._src.variants import gsam
 from sam_optax._src.variants import husam
+from sam_optax._src.lookbehind import lookbehind_sam
 from sam_optax._src.variants import looksam
 from sam_optax._src.variants import momentum_sam
 from sam_optax._src.variants import multistep_sam
@@ -159,6 +160,7 @@ __all__ = [
     "hessian_ascent",
     "husam",
     "look_ahead_reuse",
+    "lookbehind_sam",
     "loss_scale",
     "looksam",
     "lr_proportional_rho",

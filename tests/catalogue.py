@@ -37,6 +37,8 @@ class Variant:
   exact_at_rho_zero: bool = True            # rho=0 hands the inner optimizer g bit for bit
                                             # (False: the ascent never reads g, so only to
                                             # rounding: the gradient is re-evaluated at w)
+  unsupported_options: tuple = ()           # shared options it refuses at construction
+                                            # (ValueError), e.g. renormalize for Lookbehind
 
   def __str__(self):
     return self.name
@@ -152,6 +154,18 @@ CATALOGUE = [
             {"rho": 0.05, "sparsity": 0.5, "drop_rate": 0.5},
             lambda h: fref.sparse_dynamic_direction(h["rho"], h["sparsity"], 2, h["drop_rate"]),
             static_args=("update_every", "seed")),
+    # Lookbehind-SAM takes k inner steps per update: its references take them through the
+    # heavy ball's `inner` (tests/references.py). rho = 0 is k inner steps on g, not the inner
+    # optimizer's step; renormalization (one descent gradient's norm) has no meaning there.
+    Variant("lookbehind_sam", functools.partial(sam_optax.lookbehind_sam, k=3),
+            {"rho": 0.05, "alpha": 0.5},
+            lambda h: fref.lookbehind_direction(h["rho"], 3, h["alpha"]),
+            static_args=("k",), rho_zero_is_inner=False, two_call=False,
+            unsupported_options=("renormalize",)),
+    Variant("lookbehind_sam_adaptive", functools.partial(sam_optax.lookbehind_sam, alpha=None),
+            {"rho": 0.05}, lambda h: fref.lookbehind_direction(h["rho"], 2, None),
+            static_args=("k",), rho_zero_is_inner=False, two_call=False,
+            unsupported_options=("renormalize",)),
 ]
 
 BY_NAME = {v.name: v for v in CATALOGUE}

@@ -441,3 +441,33 @@ def sparse_dynamic_direction(rho, sparsity, update_every, drop_rate, drop_score=
       masks.append(kept["mask"].copy())
     return grad(w + sparse_eps(g, kept["mask"], rho))
   return direction
+
+
+def lookbehind_direction(rho, k, alpha):
+  """Lookbehind-SAM's update `alpha (theta_k - phi)` (a `steps_inner` reference).
+
+  u_0 = w, g_0 = grad(w); for j = 1..k: u_j = u_{j-1} + rho g_{j-1}/||g_{j-1}||,
+  g_j = grad(u_j), theta_j = theta_{j-1} + inner(g_j); alpha None: per leaf,
+  (1 + cos(theta_1 - w, theta_k - w)) / 2 (cos 0 for a zero vector). `inner` takes one step of
+  the inner optimizer (the identity when None: the update is then alpha times the sum of the
+  gradients, what the library hands optax.identity's caller).
+  """
+  @needs_structure
+  def step(grad, w, t, unravel, inner=None):
+    inner = (lambda d: d) if inner is None else inner
+    g, u, theta, first = grad(w), w, jnp.zeros_like(w), None
+    for j in range(k):
+      u = u + rho * _unit(g)
+      g = grad(u)
+      theta = theta + inner(g)
+      first = theta if j == 0 else first
+    if alpha is not None:
+      return alpha * theta
+    weights = jnp.zeros_like(w)
+    for start, shape, _ in _leaves(w, unravel):
+      part = slice(start, start + math.prod(shape))
+      cosine = jnp.dot(_unit(first[part]), _unit(theta[part]))
+      weights = weights.at[part].set((1 + jnp.clip(cosine, -1.0, 1.0)) / 2)
+    return weights * theta
+  step.steps_inner = True
+  return step

@@ -47,18 +47,31 @@ def heavy_ball(w, v, d, lr, momentum):
 
 
 def run(problem, direction, steps, lr=0.1, momentum=0.9):
-  """Trajectory of heavy-ball SGD on `direction(grad, w, t) -> d`; returns the list of params."""
+  """Trajectory of heavy-ball SGD on `direction(grad, w, t) -> d`; returns the list of params.
+
+  A reference marked `steps_inner` takes the inner optimizer's steps itself (several per
+  update, Lookbehind-SAM): it is called with `inner=`, a function `d -> Opt(d)` that takes one
+  heavy-ball step on `d` (advancing the velocity), and returns the update.
+  """
   w, grad, unravel = flat_problem(problem)
   v = jnp.zeros_like(w)
   out = []
+  steps_inner = getattr(direction, "steps_inner", False)
+  needs_velocity = getattr(direction, "needs_velocity", False)  # SAMPa peeks at the momentum
   if getattr(direction, "needs_structure", False):  # per-leaf random draws need the leaves
     direction = functools.partial(direction, unravel=unravel)
+  velocity = [v]
+
+  def inner(d):
+    velocity[0] = d + momentum * velocity[0]
+    return -lr * velocity[0]
+
   for t in range(steps):
-    if getattr(direction, "needs_velocity", False):  # SAMPa peeks at the momentum buffer
-      d = direction(grad, w, t, v=v)
+    if steps_inner:
+      w = w + direction(grad, w, t, inner=inner)
     else:
-      d = direction(grad, w, t)
-    w, v = heavy_ball(w, v, d, lr, momentum)
+      d = direction(grad, w, t, v=velocity[0]) if needs_velocity else direction(grad, w, t)
+      w, velocity[0] = heavy_ball(w, velocity[0], d, lr, momentum)
     out.append(unravel(w))
   return out
 

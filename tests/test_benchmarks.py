@@ -18,14 +18,15 @@ EXPECTED = ("floor", "handwritten", "handwritten_rerun", "optax_sam", "optax_sam
             "sam_two_call", "asam", "gsam", "looksam", "momentum_sam", "msharp_vectorized",
             "msharp_sequential", "usam2", "husam", "rst", "ae_sam", "ae_looksam", "sampa",
             "sampa_vmap", "ksam", "partial_ascent", "gcsam", "sagm", "gsam_big_vision",
-            "gam", "sparse_sam_dynamic", "sparse_sam_fisher", "sam_loss_scale")
+            "gam", "sparse_sam_dynamic", "sparse_sam_fisher", "sam_loss_scale",
+            "lookbehind_sam")
 # Gradient evaluations per step counted at run time (full-batch units) over the smoke run's
 # steps: exact for the deterministic contenders. LookSAM runs two whole cycles of k = 5.
 COUNTED = {"floor": 1, "handwritten": 2, "sam": 2, "sam_two_call": 2, "optax_sam": 2,
            "looksam": 1.2, "momentum_sam": 1, "msharp_vectorized": 2, "msharp_sequential": 2,
            "usam2": 3, "sampa": 2, "sampa_vmap": 2, "ksam": 0.5, "partial_ascent": 1.25,
            "gcsam": 2, "sagm": 2, "gsam_big_vision": 2, "gam": 4, "sparse_sam_dynamic": 2,
-           "sam_loss_scale": 2}
+           "sam_loss_scale": 2, "lookbehind_sam": 3}
 
 
 @pytest.mark.slow  # a benchmark run; the full suite runs it

@@ -30,7 +30,8 @@ UPPER_BOUNDED = {("unified_sam", "lam"), ("dnsam", "decay"), ("friendly_sam", "l
                  ("vasso", "theta"), ("esam", "beta"), ("wsam", "gamma"), ("bsam", "b1"),
                  ("bsam", "b2"), ("rst", "probability"), ("ae_sam", "decay"),
                  ("ae_looksam", "decay"), ("sampa", "lam"), ("sparse_sam", "sparsity"),
-                 ("sparse_sam", "drop_rate")}
+                 ("sparse_sam", "drop_rate"),
+                 ("lookbehind_sam", "alpha")}
 # Hyperparameters valid at any finite value (AE-SAM's threshold c_t may be negative).
 UNBOUNDED = {("ae_sam", "threshold"), ("ae_looksam", "threshold")}
 
