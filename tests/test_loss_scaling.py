@@ -19,6 +19,7 @@ from flax.training.dynamic_scale import DynamicScale
 import sam_optax
 from sam_optax._src import loss_scaling
 from tests import problems
+from tests.catalogue import CATALOGUE
 
 F16, F32 = jnp.float16, jnp.float32
 LOSS_WEIGHT = 2.0 ** -30  # the loss's gradient at the float16 output is ~2^-34: zero in float16
@@ -551,3 +552,46 @@ def test_linen_sam_step_with_a_loss_scale_trains_in_float16():
     losses.append(float(metrics.loss))
     assert float(metrics.perturbed_loss) < LOSS_WEIGHT  # reported unscaled
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------- every variant of the catalogue
+
+
+@pytest.mark.parametrize("variant", CATALOGUE, ids=str)
+def test_every_variant_skips_an_overflowing_perturbed_pass_and_then_steps_as_unscaled(variant):
+  """Each variant under the wrapper, one-call form, float32 MLP, scale 2^8 (a power of two: the
+  scaled and unscaled steps agree to rounding). Step 1: every grad_fn evaluation overflows; the
+  bare variant's updates are then non-finite (each takes the perturbed pass at its first step),
+  and the wrapper must skip: params and the variant's state untouched, the scale halved. Step
+  2, with a finite grad_fn: the bare variant's step from its fresh state."""
+  problem = problems.mlp(F32)
+  params, grad = problem.params, jax.grad(problem.loss)
+  # SGD: a gradient left scaled (or unscaled twice) changes its step, where adam's would not.
+  bare = variant.make(optax.sgd(0.1, momentum=0.9), **variant.hparams)
+  wrapped = sam_optax.dynamic_loss_scale(
+      bare, DynamicScale(scale=jnp.asarray(2.0 ** 8, F32), growth_interval=NEVER_GROWS))
+
+  @jax.jit
+  def steps(params):
+    scale = lambda s: sam_optax.loss_scale(s)
+    overflow = lambda c: lambda p: jax.tree.map(lambda g: g * jnp.inf, grad(p, problem.batch))
+    finite = lambda c: lambda p: jax.tree.map(lambda g: c * g, grad(p, problem.batch))
+    out = []
+    for tx, scaled in ((bare, False), (wrapped, True)):
+      state = tx.init(params)
+      c = scale(state) if scaled else 1.0
+      clean = jax.tree.map(lambda g: c * g, grad(params, problem.batch))
+      first, state1 = tx.update(clean, state, params, grad_fn=overflow(c))
+      c = scale(state1) if scaled else 1.0
+      clean = jax.tree.map(lambda g: c * g, grad(params, problem.batch))
+      second, state2 = tx.update(clean, state1 if scaled else state, params, grad_fn=finite(c))
+      out.append((first, second, state1, state2))
+    return out
+
+  (bare_first, bare_second, _, _), (first, second, state1, _) = steps(params)
+  assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(bare_first))
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(first)), "the step was not skipped"
+  assert float(state1.dynamic_scale.scale) == 2.0 ** 7
+  assert tree_equal(state1.inner_state.inner_state, bare.init(params))
+  problems.assert_trees_close(second, bare_second, 1e-6)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(second))

@@ -238,22 +238,7 @@ def sparse_ascent(rho: ScalarOrSchedule = 0.05, sparsity: ScalarOrSchedule = 0.5
   def update(grads, state, params=None, *, count=None, fisher_fn=None, param_axis_name=None,
              **extra):
     del extra
-    if param_axis_name is not None:
-      raise ValueError(
-          "sparse_ascent ranks every entry of the params at once, which params sharded over "
-          "param_axis_name (inside shard_map) do not hold on one device: run the step under "
-          "jax.jit with sharded arrays instead (XLA then ranks the global entries).")
-    if not dynamic and fisher_fn is None:
-      raise ValueError(
-          "Sparse SAM with strategy='fisher' ranks the entries by a Fisher diagonal: pass "
-          "fisher_fn= (params -> a tree like params) to update, e.g. fisher_fn=lambda p: "
-          "sam_optax.fisher_diagonal(per_example_loss, p, samples).")
-    if dynamic and fisher_fn is not None:
-      raise ValueError("fisher_fn= is read by strategy='fisher' only; this mask is dynamic "
-                       "(drop and growth scores). Drop fisher_fn, or use strategy='fisher'.")
-    if reads_params and params is None:
-      raise ValueError("sparse_ascent needs the params (a Fisher mask's fisher_fn(params), or "
-                       "the |w| score): call update(g, state, params, ...).")
+    _check_update_inputs(dynamic, reads_params, params, fisher_fn, param_axis_name)
     step = _step(state.count, count)
     n = _size(grads)
     due = step % update_every == 0
@@ -276,6 +261,27 @@ def sparse_ascent(rho: ScalarOrSchedule = 0.05, sparsity: ScalarOrSchedule = 0.5
     return eps, SparseMaskState(_increment(state.count), key, mask)
 
   return _ascent(init, update)
+
+
+def _check_update_inputs(dynamic: bool, reads_params: bool, params: Any, fisher_fn: Any,
+                         param_axis_name: Any) -> None:
+  """The update keywords a mask strategy needs, checked at the first trace."""
+  if param_axis_name is not None:
+    raise ValueError(
+        "sparse_ascent ranks every entry of the params at once, which params sharded over "
+        "param_axis_name (inside shard_map) do not hold on one device: run the step under "
+        "jax.jit with sharded arrays instead (XLA then ranks the global entries).")
+  if not dynamic and fisher_fn is None:
+    raise ValueError(
+        "Sparse SAM with strategy='fisher' ranks the entries by a Fisher diagonal: pass "
+        "fisher_fn= (params -> a tree like params) to update, e.g. fisher_fn=lambda p: "
+        "sam_optax.fisher_diagonal(per_example_loss, p, samples).")
+  if dynamic and fisher_fn is not None:
+    raise ValueError("fisher_fn= is read by strategy='fisher' only; this mask is dynamic "
+                     "(drop and growth scores). Drop fisher_fn, or use strategy='fisher'.")
+  if reads_params and params is None:
+    raise ValueError("sparse_ascent needs the params (a Fisher mask's fisher_fn(params), or "
+                     "the |w| score): call update(g, state, params, ...).")
 
 
 def fisher_diagonal(per_example_loss: Callable[[Any, Any], jax.Array], params: Any,
