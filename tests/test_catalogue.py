@@ -57,29 +57,15 @@ def test_jit_compiles_once_and_state_is_stable(variant):
 
 @pytest.mark.parametrize("variant", CATALOGUE, ids=str)
 def test_inject_hyperparams_matches_plain(variant):
+  # Against the plain-jnp reference that the plain variant matches to 1e-12 (above): the same
+  # check as comparing with the plain variant, without compiling it a second time.
   problem = problems.mlp(jnp.float64)
-  inner = optax.sgd(0.1, momentum=0.9)
-  plain, _, _ = problems.run(variant.make(inner, **variant.hparams), problem, 5)
   injected_tx = optax.inject_hyperparams(variant.make, static_args=variant.static_args)(
-      inner, **variant.hparams)
+      optax.sgd(0.1, momentum=0.9), **variant.hparams)
   injected, state, _ = problems.run(injected_tx, problem, 5)
-  problems.assert_trees_close(injected[-1], plain[-1], 1e-12)
+  expected = references.run(problem, variant.reference(variant.hparams), 5)
+  problems.assert_trees_close(injected[-1], expected[-1], 1e-12)
   assert set(variant.hparams) <= set(state.hyperparams)
-
-
-# float32 and float64 params keep their dtype at every step of test_matches_plain_jnp_reference;
-# bfloat16 (no reference at 1e-6 there) is checked here: kept, finite, and moving.
-@pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bf16"])
-@pytest.mark.parametrize("variant", CATALOGUE, ids=str)
-def test_dtypes_are_kept(variant, dtype):
-  problem = problems.mlp(dtype)
-  tx = variant.make(optax.sgd(0.05), **variant.hparams)
-  params, state, _ = problems.run(tx, problem, 3)
-  for leaf, init in zip(jax.tree.leaves(params[-1]), jax.tree.leaves(problem.params)):
-    assert leaf.dtype == init.dtype
-    assert jnp.all(jnp.isfinite(leaf))
-  assert not np.allclose(np.asarray(jax.tree.leaves(params[-1])[0], np.float32),
-                         np.asarray(jax.tree.leaves(problem.params)[0], np.float32))
 
 
 @pytest.mark.parametrize("two_call", [False, True], ids=["one_call", "two_call"])
