@@ -10,6 +10,18 @@ import jax
 import jax.numpy as jnp
 
 
+def example_count(examples: Any, name: str) -> int:
+  """The size of the leading example axis that every leaf of `examples` shares (checked)."""
+  leaves = jax.tree.leaves(examples)
+  if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
+    raise ValueError(f"{name} must be a tree of arrays with a leading example axis.")
+  sizes = {jnp.shape(x)[0] for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"every leaf of {name} must share the leading example axis; got leading "
+                     f"sizes {sorted(sizes)}.")
+  return sizes.pop()
+
+
 def sharpness_sensitive_grad_fn(per_example_loss: Callable[[Any, Any], jax.Array], params: Any,
                                 batch: Any, gamma: float = 0.5, *,
                                 clean_losses: jax.Array | None = None) -> Callable[[Any], Any]:
@@ -136,14 +148,7 @@ def top_k_examples(per_example_loss: Callable[[Any, Any], jax.Array], params: An
     Ni et al., *K-SAM: Sharpness-Aware Minimization at the Speed of SGD*, 2022,
     https://arxiv.org/abs/2210.12864
   """
-  leaves = jax.tree.leaves(batch)
-  if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
-    raise ValueError("batch must be a tree of arrays with a leading example axis.")
-  sizes = {jnp.shape(x)[0] for x in leaves}
-  if len(sizes) != 1:
-    raise ValueError(f"every leaf of batch must share the leading example axis; got leading "
-                     f"sizes {sorted(sizes)}.")
-  n = sizes.pop()
+  n = example_count(batch, "batch")
   if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
     raise ValueError(f"k must be a Python int in [1, {n}] (the number of examples kept, out of "
                      f"the batch's {n}; it fixes the sub-batch's shape), got {k!r}.")

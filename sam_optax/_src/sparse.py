@@ -28,6 +28,7 @@ from sam_optax._src.hyperparams import ScalarOrSchedule
 from sam_optax._src.hyperparams import check_hparam
 from sam_optax._src.hyperparams import check_positive_int
 from sam_optax._src.hyperparams import value_at
+from sam_optax._src.selection import example_count
 from sam_optax._src.transformation import SharpnessAwareTransformation
 from sam_optax._src.variants import Pieces
 from sam_optax._src.variants import SharedOptions
@@ -323,14 +324,7 @@ def fisher_diagonal(per_example_loss: Callable[[Any, Any], jax.Array], params: A
     Approach*, NeurIPS 2022, https://arxiv.org/abs/2210.05177 (code:
     https://github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization, `SSAMF.update_mask`)
   """
-  leaves = jax.tree.leaves(samples)
-  if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
-    raise ValueError("samples must be a tree of arrays with a leading example axis.")
-  sizes = {jnp.shape(x)[0] for x in leaves}
-  if len(sizes) != 1:
-    raise ValueError(f"every leaf of samples must share the leading example axis; got leading "
-                     f"sizes {sorted(sizes)}.")
-  n = sizes.pop()
+  n = example_count(samples, "samples")
   if batch_size is not None and (isinstance(batch_size, bool)
                                  or not isinstance(batch_size, numbers.Integral)
                                  or batch_size < 1):
