@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -73,10 +74,23 @@ def _git_files() -> list[str] | None:
 
 @pytest.mark.slow  # about a minute: builds the sdist and a wheel from it (pip fetches setuptools)
 def test_sdist_and_wheel_build_and_the_unpacked_sdist_runs_its_tests(tmp_path):
+  # Built from a clean copy, as from a fresh clone: setuptools adds the files listed in a
+  # stale `sam_optax.egg-info/SOURCES.txt` (which `pip install -e .` leaves in the checkout),
+  # which would hide a file that MANIFEST.in leaves out.
+  tracked = _git_files()
+  source = tmp_path / "source"
+  if tracked is not None:
+    for name in tracked:
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, source / name)
+  else:   # an unpacked sdist: its own files, less what builds and runs leave
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
+        ".venv*", "_build"))
   dist = tmp_path / "dist"
   # `python -m build` builds the sdist, then the wheel from the unpacked sdist: the wheel
   # building also checks that the sdist is complete enough to build.
-  build = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
+  build = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
                          capture_output=True, text=True, check=False, timeout=600)
   assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
   version = sam_optax.__version__
@@ -104,7 +118,6 @@ def test_sdist_and_wheel_build_and_the_unpacked_sdist_runs_its_tests(tmp_path):
   tree = unpacked / f"sam_optax-{version}"
   assert f"\nVersion: {version}\n" in (tree / "PKG-INFO").read_text()
   shipped = {str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()}
-  tracked = _git_files()
   if tracked is not None:   # in a git checkout: the sdist carries every tracked file
     missing = sorted(set(tracked) - shipped)
     assert not missing, f"tracked files missing from the sdist: {missing}"
