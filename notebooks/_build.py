@@ -8,8 +8,9 @@ is how they are easiest to edit and debug.
 Every notebook gets the same opening, written here once: the claim (the source's first
 markdown cell), a Colab badge, and an install cell that works in Colab and is skipped where
 sam_optax is already importable; it also names the floors of jax, jaxlib, optax and flax that
-pyproject.toml declares, so that pip upgrades a runtime's older preinstalled ones. Each source reads its size from `SAM_OPTAX_NOTEBOOK_SIZE`
-("full", the default, or "ci" for shorter runs) and ends with a cell asserting its claim.
+pyproject.toml declares, so that pip upgrades a runtime's older preinstalled ones. Each
+source reads its size from `SAM_OPTAX_NOTEBOOK_SIZE` ("full", the default, or "ci" for shorter
+runs) and ends with a cell asserting its claim.
 Outputs are never written: the
 committed notebooks are stripped, and CI executes them (tests/test_notebooks.py).
 
