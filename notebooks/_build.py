@@ -7,8 +7,10 @@ is how they are easiest to edit and debug.
 
 Every notebook gets the same opening, written here once: the claim (the source's first
 markdown cell), a Colab badge, and an install cell that works in Colab and is skipped where
-sam_optax is already importable. Each source reads its size from `SAM_OPTAX_NOTEBOOK_SIZE`
-("full", the default, or "ci" for shorter runs) and ends with a cell asserting its claim.
+sam_optax is already importable; it also names the floors of jax, jaxlib, optax and flax that
+pyproject.toml declares, so that pip upgrades a runtime's older preinstalled ones. Each
+source reads its size from `SAM_OPTAX_NOTEBOOK_SIZE` ("full", the default, or "ci" for shorter
+runs) and ends with a cell asserting its claim.
 Outputs are never written: the
 committed notebooks are stripped, and CI executes them (tests/test_notebooks.py).
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
+import tomllib
 
 import nbformat
 
@@ -33,13 +37,40 @@ REPOSITORY = "sam-optax/sam_optax"
 BADGE = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
          f"(https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{{name}})")
 
-INSTALL = f"""\
-# Installs sam_optax in Colab; skipped wherever it is already importable (e.g. in CI).
+# The packages whose floors the install cell states: a Colab runtime comes with jax, optax and
+# flax preinstalled, possibly older than sam_optax's floors; naming the floors in the pip line
+# makes pip upgrade them, and shows the reader which versions the notebook needs.
+FLOOR_PACKAGES = ("jax", "jaxlib", "optax", "flax")
+
+
+def declared_floors(pyproject: pathlib.Path = HERE.parent / "pyproject.toml") -> dict[str, str]:
+  """{name: floor} for FLOOR_PACKAGES, read from the core and `flax` requirements."""
+  project = tomllib.loads(pyproject.read_text())["project"]
+  requirements = project["dependencies"] + project["optional-dependencies"]["flax"]
+  floors = {}
+  for requirement in requirements:
+    match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)\s*", requirement)
+    if match and match[1].lower() in FLOOR_PACKAGES:
+      floors[match[1].lower()] = match[2]
+  missing = [name for name in FLOOR_PACKAGES if name not in floors]
+  if missing:
+    raise ValueError(f"pyproject.toml declares no plain '>=' floor for {missing}.")
+  return floors
+
+
+def install_cell() -> str:
+  """The install cell: sam_optax from the repository, and its floors for jax, optax and flax."""
+  floors = " ".join(f'"{name}>={version}"' for name, version in declared_floors().items())
+  return f"""\
+# Installs sam_optax in Colab, with jax, jaxlib, optax and flax at or above the versions it
+# declares (the runtime's own may be older); skipped wherever sam_optax is already importable
+# (e.g. in CI).
 try:
   import sam_optax
 except ImportError:
   get_ipython().run_line_magic(
-      "pip", 'install -q "sam_optax[notebooks] @ git+https://github.com/{REPOSITORY}"')
+      "pip", 'install -q "sam_optax[notebooks] @ git+https://github.com/{REPOSITORY}" '
+             '{floors}')
   import sam_optax"""
 
 # Every source reads its problem size from this variable: "full" (the default: each notebook
@@ -90,7 +121,7 @@ def build(source: pathlib.Path) -> nbformat.NotebookNode:
   name = source.stem + ".ipynb"
   if SIZE_VARIABLE not in source.read_text():
     raise ValueError(f"{source.name}: read the size from ${SIZE_VARIABLE} (see the docstring).")
-  opening = [cells[0], ("markdown", BADGE.format(name=name)), ("code", INSTALL)]
+  opening = [cells[0], ("markdown", BADGE.format(name=name)), ("code", install_cell())]
   nb = nbformat.v4.new_notebook()
   nb.metadata = {
       "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},

@@ -120,7 +120,8 @@ from sam_optax._src.loss_scaling import loss_scale
 from sam_optax._src.selection import sharpness_sensitive_grad_fn
 from sam_optax._src.selection import top_k_examples
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it (setuptools `dynamic`).
+__version__ = "0.2.0"
 
 # The public API: what `from sam_optax import *` brings, and what type checkers treat as
 # exported (tests/test_typing.py checks that it lists every public name).

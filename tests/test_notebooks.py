@@ -13,8 +13,12 @@ import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -51,6 +55,40 @@ def test_notebook_is_well_formed(path):
   assert "assert" in code[-1].source, "the last code cell asserts the claim"
   for cell in code:   # committed stripped
     assert not cell.outputs and cell.execution_count is None
+
+
+def _lower_bound(specifier_set) -> Version | None:
+  """The least version a specifier set admits, from its >=, >, == and ~= clauses (or None)."""
+  bounds = [Version(s.version) for s in specifier_set if s.operator in (">=", ">", "==", "~=")]
+  return max(bounds) if bounds else None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_satisfies_the_declared_floors(path):
+  """Colab comes with jax, optax and flax preinstalled: the install cell's pip line must ask for
+  versions at or above the floors pyproject.toml declares, and install sam_optax itself with
+  the `notebooks` extra."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  declared = {}
+  for line in project["dependencies"] + project["optional-dependencies"]["flax"]:
+    requirement = Requirement(line)
+    declared[canonicalize_name(requirement.name)] = _lower_bound(requirement.specifier)
+  install = nbformat.read(path, as_version=4).cells[2].source
+  # The pip arguments are the double-quoted requirement strings of the cell's pip line.
+  requested = {}
+  for text in re.findall(r'"([^"]+)"', install):
+    if text == "pip":
+      continue
+    requirement = Requirement(text)
+    requested[canonicalize_name(requirement.name)] = requirement
+  sam = requested.pop("sam-optax")
+  assert "notebooks" in sam.extras and sam.url, install
+  for name in ("jax", "jaxlib", "optax", "flax"):
+    assert name in requested, f"the install cell does not state {name}'s floor: {install}"
+    lower = _lower_bound(requested[name].specifier)
+    assert lower is not None and lower >= declared[name], (
+        f"{path.name} installs {requested[name]}, below the declared floor {name}>="
+        f"{declared[name]}")
 
 
 @pytest.mark.slow
