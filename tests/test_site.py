@@ -144,7 +144,8 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   html = tmp_path / "html"
   group_pages = "".join(p.read_text() for p in (html / "api").glob("*.html"))
-  for name in public_symbols() | set(public_modules()):
+  # The package's own page is the API index; its modules and symbols each have one.
+  for name in public_symbols() | (set(public_modules()) - {"sam_optax"}):
     page = html / "api" / "_generated" / f"{name}.html"
     anchors = (f'id="{name}"', f'id="module-{name}"')
     assert page.exists() or any(a in group_pages for a in anchors), f"no page for {name}"
