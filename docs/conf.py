@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 import re
+import shutil
 import sys
 
 from docutils import nodes
@@ -294,7 +295,15 @@ def resolve_private_path(app, env, node, contnode):
 _PRIVATE_MODULES = {path.stem for path in (ROOT / "sam_optax" / "_src").glob("*.py")}
 
 
+def clear_generated_pages(app):
+  """Starts autosummary from an empty `api/_generated`: a page left over from a symbol since
+  removed or renamed would otherwise stay, outside every toctree (a warning)."""
+  shutil.rmtree(pathlib.Path(app.srcdir) / "api" / "_generated", ignore_errors=True)
+
+
 def setup(app):
+  # Before autosummary writes the pages (it also listens to builder-inited, at 500).
+  app.connect("builder-inited", clear_generated_pages, priority=100)
   from docutils.parsers.rst import roles
 
   roles.register_local_role("code_or_reference", code_or_reference)

@@ -77,9 +77,10 @@ def execute(source: pathlib.Path, size: str) -> nbformat.NotebookNode:
   return nb
 
 
-def problems(source: pathlib.Path) -> list[str]:
-  """Why the executed copy of `source` is not up to date (empty when it is)."""
-  target = OUT_DIR / (source.stem + ".ipynb")
+def problems(source: pathlib.Path, target: pathlib.Path | None = None) -> list[str]:
+  """Why `target` (default: the executed copy of `source` in docs/notebooks) is not an
+  up-to-date executed copy of `source` (empty when it is)."""
+  target = target or OUT_DIR / (source.stem + ".ipynb")
   if not target.exists():
     return [f"{target.name}: missing"]
   copy = nbformat.read(target, as_version=4)
