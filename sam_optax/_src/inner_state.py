@@ -30,16 +30,16 @@ def find_moment(inner_state: Any, name: str = "nu", *, params: Any = None,
   `optax.tree.get_all_with_path`, keeping state fields only, not dictionary keys of the params'
   trees). Field names in optax's states:
 
-  ==========================================================  ===========  ===========
-  optimizer                                                   first moment second moment
-  ==========================================================  ===========  ===========
-  `adam`, `adamw`, `nadam`, `nadamw`, `radam`, `adamax`       `"mu"`       `"nu"`
-  `amsgrad` (`nu_max`: the running maximum)                   `"mu"`       `"nu"`
-  `adabelief` (`nu`: the EMA of `(g - mu)^2`, the "belief")   `"mu"`       `"nu"`
-  `lion`                                                      `"mu"`       none
-  `rmsprop` (`centered=True`: `mu` is the EMA of `g`)         none         `"nu"`
-  `sgd(momentum=...)`, `optax.trace`                          `"trace"`    none
-  ==========================================================  ===========  ===========
+  ==========================================================  ============  =============
+  optimizer                                                   first moment  second moment
+  ==========================================================  ============  =============
+  `adam`, `adamw`, `nadam`, `nadamw`, `radam`, `adamax`       `"mu"`        `"nu"`
+  `amsgrad` (`nu_max`: the running maximum)                   `"mu"`        `"nu"`
+  `adabelief` (`nu`: the EMA of `(g - mu)^2`, the "belief")   `"mu"`        `"nu"`
+  `lion`                                                      `"mu"`        none
+  `rmsprop` (`centered=True`: `mu` is the EMA of `g`)         none          `"nu"`
+  `sgd(momentum=...)`, `optax.trace`                          `"trace"`     none
+  ==========================================================  ============  =============
 
   The moments are those of the state passed in: under `sam_optax.sharpness_aware`, the
   `inner_state` keyword is the state *before* this step's update, so `nu` holds the gradients
