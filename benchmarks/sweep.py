@@ -17,7 +17,9 @@ times `--lams`. Three ways to run it:
 
 Reported: wall time of the whole sweep including compilation (what a user waits for), and
 the run time alone (a second call of the compiled functions, median of `--repeats`), with the
-ratios to `vmap`. The final losses of the three must agree (float32 round-off: XLA fuses the
+ratios to `vmap`; the process CPU time of each is recorded too (on a shared machine it is
+disturbed less by other processes; XLA:CPU may use several threads, so it can exceed the wall
+time). The final losses of the three must agree (float32 round-off: XLA fuses the
 batched program differently); their largest difference, relative to the grid's largest final
 loss, is printed and checked.
 
@@ -84,9 +86,10 @@ def make_train(params, x, y, loss, steps: int, lr: float):
 
 
 def timed(fn):
-  start = time.perf_counter()
+  """(wall seconds, process CPU seconds, result) of fn(), waiting for the result."""
+  start, start_cpu = time.perf_counter(), time.process_time()
   out = jax.block_until_ready(fn())
-  return time.perf_counter() - start, out
+  return time.perf_counter() - start, time.process_time() - start_cpu, out
 
 
 def main(argv=None) -> dict:
@@ -134,13 +137,16 @@ def main(argv=None) -> dict:
   results = {}
   for name, fn, rerun in (("vmap", vmapped, True), ("loop_compiled_once", loop_compiled_once, True),
                           ("loop_recompile", loop_recompile, False)):
-    first_s, losses = timed(fn)
+    first_s, first_cpu_s, losses = timed(fn)
     # A rerun of loop_recompile would compile again; its run time is loop_compiled_once's.
-    runs = [timed(fn)[0] for _ in range(args.repeats)] if rerun else []
-    results[name] = {"first_call_s": first_s, "losses": np.asarray(losses).tolist(),
-                     "run_s": statistics.median(runs) if runs else None}
-    print(f"{name:20s} whole sweep (compile + run) {first_s:8.2f} s"
-          + (f", run alone {results[name]['run_s']:8.3f} s" if runs else ""), flush=True)
+    runs = [timed(fn)[:2] for _ in range(args.repeats)] if rerun else []
+    results[name] = {"first_call_s": first_s, "first_call_cpu_s": first_cpu_s,
+                     "losses": np.asarray(losses).tolist(),
+                     "run_s": statistics.median(r[0] for r in runs) if runs else None,
+                     "run_cpu_s": statistics.median(r[1] for r in runs) if runs else None}
+    print(f"{name:20s} whole sweep (compile + run) {first_s:8.2f} s wall, {first_cpu_s:8.2f} s "
+          f"CPU" + (f"; run alone {results[name]['run_s']:8.3f} s wall, "
+                    f"{results[name]['run_cpu_s']:8.3f} s CPU" if runs else ""), flush=True)
 
   reference = np.asarray(results["loop_recompile"]["losses"])
   # Relative to the largest final loss of the grid: runs that reach a loss near zero differ in
