@@ -25,7 +25,7 @@ loss, is printed and checked.
 
 Usage::
 
-    python benchmarks/sweep.py                  # 8 x 4 grid, 300 steps, ~1 minute on 2 cores
+    python benchmarks/sweep.py                  # 8 x 4 grid, 100 steps, ~1 to 2 minutes on 2 cores
     python benchmarks/sweep.py --smoke          # a 2 x 2 grid, 5 steps (CI)
     python benchmarks/sweep.py --out sweep.json
 """
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rhos", type=int, default=8, help="number of rho values")
   parser.add_argument("--lams", type=int, default=4, help="number of lam values")
-  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--features", type=int, default=16)
