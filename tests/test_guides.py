@@ -8,8 +8,10 @@ tens of seconds, so they are in the slow tier; the cheapest guide stays in the f
 
 from __future__ import annotations
 
-import os
+import importlib
+import inspect
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -52,6 +54,36 @@ def test_index_lists_every_guide():
   listed = [line.strip() for line in index.split("```{toctree}", 1)[1].split("```", 1)[0]
             .splitlines() if line.strip() and not line.strip().startswith(":")]
   assert listed == list(GUIDES), listed
+
+
+ROLE = re.compile(r"\{(func|class|mod|meth|attr|data|doc)\}`([^`]+)`")
+
+
+def test_cross_references_name_what_exists():
+  """Every MyST role names a guide or an importable public object (the site's build checks the
+  same against its API pages; this catches a wrong name without building the site)."""
+  wrong = []
+  for guide in GUIDES:
+    text = (GUIDES_DIR / f"{guide}.md").read_text(encoding="utf-8")
+    for role, target in ROLE.findall(text):
+      target = target.split("<")[-1].rstrip(">").lstrip("~")   # `title <target>` and `~a.b`
+      if role == "doc":
+        ok = (GUIDES_DIR / f"{target}.md").exists()
+      else:
+        module_name, _, attr = (target, "", "") if role == "mod" else target.rpartition(".")
+        try:
+          obj = importlib.import_module(module_name)
+          ok = not attr or (hasattr(obj, attr) and not attr.startswith("_"))
+          # Sphinx resolves {func} to functions and {class} to classes only.
+          if ok and role == "func":
+            ok = inspect.isfunction(getattr(obj, attr))
+          elif ok and role == "class":
+            ok = inspect.isclass(getattr(obj, attr))
+        except ImportError:
+          ok = False
+      if not ok:
+        wrong.append(f"{guide}.md: {{{role}}}`{target}`")
+  assert not wrong, "cross-references to nothing:\n" + "\n".join(wrong)
 
 
 @pytest.mark.parametrize("guide, block", guide_blocks())
