@@ -12,10 +12,12 @@ import pytest
 
 import sam_optax
 import sam_optax.diagnostics
+import sam_optax.equinox
 import sam_optax.flax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLIC_MODULES = (sam_optax, sam_optax.cadences, sam_optax.diagnostics, sam_optax.flax)
+PUBLIC_MODULES = (sam_optax, sam_optax.cadences, sam_optax.diagnostics, sam_optax.equinox,
+                  sam_optax.flax)
 SECTIONS = ("Args:", "Returns:", "Example", "References:")
 
 
