@@ -13,18 +13,17 @@ import inspect
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.test_readme import LANGUAGES, Block, fenced_blocks, fresh_env
+from tests.test_readme import (LANGUAGES, TIMEOUT_S, Block, fenced_blocks,
+                               run_in_fresh_interpreter)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDES_DIR = ROOT / "docs" / "guides"
 GUIDES = ("getting_started", "migrating_from_optax_contrib", "flax", "equinox", "distributed",
           "mixed_precision", "choosing_a_variant", "hyperparameter_sweeps", "diagnostics")
 FAST_GUIDES = ("getting_started",)  # two cheap blocks: the fast tier runs them
-TIMEOUT_S = 180  # per block
 
 
 def guide_blocks():
@@ -88,11 +87,8 @@ def test_cross_references_name_what_exists():
 
 @pytest.mark.parametrize("guide, block", guide_blocks())
 def test_guide_block_runs(guide: str, block: Block, tmp_path):
-  script = tmp_path / "block.py"
-  script.write_text(block.text)
   try:
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=fresh_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = run_in_fresh_interpreter(block.text, tmp_path)
   except subprocess.TimeoutExpired as error:
     pytest.fail(f"docs/guides/{guide}.md block at line {block.line} ran past {TIMEOUT_S}s\n"
                 f"{error.stderr or ''}")

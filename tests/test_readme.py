@@ -76,6 +76,15 @@ def block_id(block: Block) -> str:
   return f"line{block.line}"
 
 
+def run_in_fresh_interpreter(code: str, directory) -> subprocess.CompletedProcess:
+  """`code` run as a script in a fresh interpreter from `directory`, as a reader pastes it
+  (raises subprocess.TimeoutExpired past TIMEOUT_S)."""
+  script = directory / "block.py"
+  script.write_text(code)
+  return subprocess.run([sys.executable, str(script)], cwd=directory, env=fresh_env(),
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
 def fresh_env(**extra) -> dict[str, str]:
   """The environment of a reader's fresh interpreter: not the suite's float64 default.
 
@@ -121,11 +130,8 @@ def test_every_block_is_run():
 
 @pytest.mark.parametrize("block", plain_blocks(), ids=block_id)
 def test_block_runs(block, tmp_path):
-  script = tmp_path / "block.py"
-  script.write_text(block.text)
   try:
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=fresh_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = run_in_fresh_interpreter(block.text, tmp_path)
   except subprocess.TimeoutExpired as error:
     pytest.fail(report(block, f"ran past {TIMEOUT_S}s", str(error.stderr or "")))
   assert result.returncode == 0, report(block, f"exited with {result.returncode}",
