@@ -124,6 +124,18 @@ def assert_trees_close(actual, expected, tol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=tol, atol=tol)
 
 
+def counting(grad_fn):
+  """`grad_fn` wrapped to count its evaluations at run time (one host callback each, inside
+  jit and conditionals alike), and the list the count lands in (read after
+  `jax.effects_barrier()`)."""
+  calls = []
+
+  def counted(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return grad_fn(p)
+  return counted, calls
+
+
 def compiled_tanh_count(tx, problem):
   """How many tanh the compiled jitted step holds: on the MLP, one per gradient evaluation (a
   clean gradient the step never reads is dead code, compiled away)."""

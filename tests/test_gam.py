@@ -83,12 +83,7 @@ def test_four_gradient_evaluations_per_step():
   fourth: the compiled step holds four of the MLP's tanh (one per forward pass)."""
   problem = problems.mlp(jnp.float32)
   tx = sam_optax.gam(optax.sgd(0.1, momentum=0.9))
-  calls = []
-
-  def grad_fn(p):
-    jax.debug.callback(lambda: calls.append(1))
-    return problem.grad_fn()(p)
-
+  grad_fn, calls = problems.counting(problem.grad_fn())
   problems.run(tx, problem, 3, grad_fn=grad_fn)
   jax.effects_barrier()
   assert len(calls) == 9

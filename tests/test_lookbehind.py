@@ -234,12 +234,7 @@ def test_k_plus_one_gradient_evaluations(k):
   tanh per gradient of the MLP: the caller's and k of grad_fn's)."""
   problem = problems.mlp(jnp.float32)
   tx = sam_optax.lookbehind_sam(optax.sgd(0.1), k=k)
-  calls = []
-
-  def grad_fn(p):
-    jax.debug.callback(lambda: calls.append(1))
-    return problem.grad_fn()(p)
-
+  grad_fn, calls = problems.counting(problem.grad_fn())
   problems.run(tx, problem, 2, grad_fn=grad_fn)
   jax.effects_barrier()
   assert len(calls) == 2 * k

@@ -102,6 +102,12 @@ class AscentCountState(NamedTuple):
   count: jax.Array  # int32 scalar: ascents taken so far, the schedules' argument.
 
 
+def _count_init(params) -> AscentCountState:
+  """The initial state of an ascent that keeps only its step count."""
+  del params
+  return AscentCountState(count=jnp.zeros([], jnp.int32))
+
+
 def unified_ascent(rho: Radius, lam: ScalarOrSchedule = 1.0, *, layerwise: bool = False
                    ) -> optax.GradientTransformationExtraArgs:
   r"""Unified SAM's ascent, which covers the normalized and the unnormalized one.
@@ -166,9 +172,7 @@ def unified_ascent(rho: Radius, lam: ScalarOrSchedule = 1.0, *, layerwise: bool 
   lam = check_hparam("lam", lam, high=1.0, hint="lam=1 is SAM, lam=0 is USAM.")
   _check_layerwise(layerwise)
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, param_axis_name=None, **extra):
     del extra
@@ -472,9 +476,7 @@ def hessian_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraAr
   """
   rho = check_hparam("rho", rho, hint="rho scales the perturbation rho * H g.")
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, grad_fn=None, **extra):
     del extra
@@ -547,9 +549,7 @@ def multistep_ascent(rho: ScalarOrSchedule, steps: int = 2, *, normalized: bool 
       raise TypeError(f"{name} must be a Python bool, got {type(flag).__name__} (it is "
                       f"structural: list it in static_args under optax.inject_hyperparams).")
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, grad_fn=None, param_axis_name=None, **extra):
     del extra
@@ -689,9 +689,7 @@ def adaptive_ascent(rho: ScalarOrSchedule = 0.5, eta: ScalarOrSchedule = 0.01,
                      f"{bias_convention!r}.")
   weights = AdaptiveWeights(eta, bias_convention)
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del extra
@@ -809,9 +807,7 @@ def step_count_ascent(rho: Radius, *, layerwise: bool = False
   rho = check_radius(rho, hint="rho is the radius of the perturbation ball.")
   _check_layerwise(layerwise)
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del extra
@@ -1033,9 +1029,7 @@ def fisher_ascent(rho: ScalarOrSchedule = 0.1, eta: ScalarOrSchedule = 1.0
   rho = check_hparam("rho", rho, hint="rho is the radius in the Fisher metric.")
   eta = check_hparam("eta", eta, hint="eta weighs the squared gradient in F = 1 + eta g^2.")
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del params, extra
@@ -1400,9 +1394,7 @@ def centralized_ascent(rho: ScalarOrSchedule = 0.05,
                     f"{type(axes).__name__}.")
   axes_fn = _last_axis_but_one_dim if axes is None else axes
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del params, extra
@@ -1449,9 +1441,7 @@ def sagm_ascent(rho: ScalarOrSchedule = 0.05, alpha: ScalarOrSchedule = 0.001
   rho = check_hparam("rho", rho, hint="rho is the radius of the perturbation ball.")
   alpha = check_hparam("alpha", alpha, hint="alpha is SAGM's step back along g (e.g. 0.001).")
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del params, extra
@@ -1498,9 +1488,7 @@ def weight_scaled_ascent(rho: ScalarOrSchedule) -> optax.GradientTransformationE
   """
   rho = check_hparam("rho", rho, hint="rho is the radius relative to |w|.")
 
-  def init(params):
-    del params
-    return AscentCountState(count=jnp.zeros([], jnp.int32))
+  init = _count_init
 
   def update(grads, state, params=None, *, count=None, param_axis_name=None, **extra):
     del extra
