@@ -291,6 +291,16 @@ def chunked_batch(chunk_size, batch, chunked):
   return chunking.split(batch, chunk_size)
 
 
+def require_aux(has_aux: bool, which_pass: str = "grad_fn's perturbed pass") -> None:
+  """`update_with_aux` on a transformation built without `has_aux=True`: refused with the fix."""
+  if not has_aux:
+    raise ValueError(
+        f"update_with_aux returns the aux of {which_pass}, but this transformation was built "
+        "without has_aux=True, so grad_fn returns no aux. Build it with has_aux=True and a "
+        "grad_fn returning (grads, aux), e.g. grad_fn=jax.grad(loss, has_aux=True); or call "
+        "tx.update.")
+
+
 def refuse_wrappers(two_call: bool):
   """Raises when called from inside an optax wrapper that would silently break the step.
 

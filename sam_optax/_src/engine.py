@@ -373,12 +373,7 @@ def _update_with_aux(engine: Engine, two_call: bool, grads, state, params=None, 
         "yourself, at the params the ascent call returned, and pass it to tx.update. To get "
         "the perturbed pass's aux from the engine, build it without two_call=True and with "
         "has_aux=True.")
-  if not engine.has_aux:
-    raise ValueError(
-        "update_with_aux returns the aux of grad_fn's perturbed pass, but this "
-        "transformation was built without has_aux=True, so grad_fn returns no aux. Build it "
-        "with has_aux=True and a grad_fn returning (grads, aux), e.g. "
-        "grad_fn=jax.grad(loss, has_aux=True); or call tx.update.")
+  checks.require_aux(engine.has_aux)
   return one_call_update(engine, grads, state, params, True, grad_fn=grad_fn, **extra)
 
 

@@ -214,12 +214,7 @@ def _update_without_aux(rule: _Rule, grads, state, params=None, *, grad_fn=None,
 
 
 def _update_with_aux(rule: _Rule, grads, state, params=None, *, grad_fn=None, **extra):
-  if not rule.engine.has_aux:
-    raise ValueError(
-        "update_with_aux returns the aux of grad_fn's last perturbed pass, but this "
-        "transformation was built without has_aux=True, so grad_fn returns no aux. Build it "
-        "with has_aux=True and a grad_fn returning (grads, aux), e.g. "
-        "grad_fn=jax.grad(loss, has_aux=True); or call tx.update.")
+  checks.require_aux(rule.engine.has_aux, "grad_fn's last perturbed pass")
   return _update(rule, True, grads, state, params, grad_fn=grad_fn, **extra)
 
 
