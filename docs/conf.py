@@ -39,11 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 import sam_optax  # noqa: E402
 
-# `sam_optax.cadences` is an attribute of the package (the module sam_optax._src.cadences), not
-# an importable module path; autodoc imports what it documents by its path, so the build
-# registers the public name for the module object it already is.
-sys.modules.setdefault("sam_optax.cadences", sam_optax.cadences)
-
 logger = logging.getLogger("sam_optax.docs")
 
 project = "sam_optax"
@@ -228,9 +223,9 @@ default_role = "code_or_reference"
 
 def public_modules() -> list:
   """The modules whose `__all__` is the public API (what the API reference documents):
-  the package, `sam_optax.cadences`, and every module or subpackage of `sam_optax` whose name
-  does not start with an underscore (tests/test_site.py finds them the same way)."""
-  modules = [sam_optax, sam_optax.cadences]
+  the package and every module or subpackage of `sam_optax` whose name does not start with an
+  underscore (tests/test_site.py finds them the same way)."""
+  modules = [sam_optax]
   for path in sorted((ROOT / "sam_optax").iterdir()):
     if path.name.startswith("_") or not (path.suffix == ".py" or (path / "__init__.py").exists()):
       continue
@@ -242,9 +237,8 @@ def _public_names() -> dict[str, str]:
   """Each public symbol's short and qualified spellings -> its qualified name."""
   names = {}
   for module in public_modules():
-    prefix = "sam_optax.cadences" if module is sam_optax.cadences else module.__name__
     for name in module.__all__:
-      full = f"{prefix}.{name}"
+      full = f"{module.__name__}.{name}"
       names[full] = full
       if module is sam_optax:
         names.setdefault(name, full)

@@ -104,7 +104,7 @@ from sam_optax._src.corrections import surrogate_gap
 from sam_optax._src.corrections import weighted_sharpness
 
 # Cadences (which steps take the perturbed pass) and masks (which entries are perturbed).
-from sam_optax._src import cadences
+from sam_optax import cadences
 from sam_optax._src.masks import Mask
 from sam_optax._src.masks import normalization_mask
 

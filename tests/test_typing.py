@@ -10,6 +10,7 @@ package itself (slow tier). Each test is one pyright run; pyright comes with the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -148,3 +149,14 @@ def test_all_lists_every_public_name():
 def test_the_package_ships_its_types():
   """PEP 561's marker, which pyproject.toml's package-data puts in the wheel and sdist."""
   assert (ROOT / "sam_optax" / "py.typed").is_file()
+
+
+def test_public_modules_import_by_their_public_path():
+  """`import sam_optax.cadences` works, as does every module the package exports: a module
+  exported only as an attribute (`from sam_optax._src import cadences`) would not import."""
+  modules = {name: value for name, value in vars(sam_optax).items()
+             if name in sam_optax.__all__ and isinstance(value, type(sam_optax))}
+  assert modules, "no public module found: the check would pass vacuously"
+  for name, module in modules.items():
+    assert importlib.import_module(f"sam_optax.{name}") is module
+    assert module.__name__ == f"sam_optax.{name}"
