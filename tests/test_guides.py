@@ -22,8 +22,8 @@ import sys
 import pytest
 
 from tests.test_multihost import free_port, wait_all
-from tests.test_readme import (LANGUAGES, TIMEOUT_S, Block, fenced_blocks, fresh_env,
-                               heading_slugs, report, run_in_fresh_interpreter)
+from tests.test_readme import (LANGUAGES, README, REPOSITORY, TIMEOUT_S, Block, fenced_blocks,
+                               fresh_env, heading_slugs, report, run_in_fresh_interpreter)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -102,6 +102,8 @@ def test_index_lists_every_guide_and_page():
 
 ROLE = re.compile(r"\{(func|class|mod|meth|attr|data|doc)\}`([^`]+)`")
 LOCAL_LINK = re.compile(r"\]\(([^)\s:]+?\.(?:md|ipynb))(#[^)\s]*)?\)|\]\((#[^)\s]+)\)")
+# A link to a section of the README, as GitHub shows it (the site does not hold the README).
+README_LINK = re.compile(re.escape(REPOSITORY) + r"#([\w-]+)")
 
 
 def doc_exists(page: str, target: str) -> bool:
@@ -144,6 +146,9 @@ def test_cross_references_name_what_exists():
         anchor = (fragment or own_fragment)[1:]
         if anchor not in heading_slugs(target):
           wrong.append(f"{page}.md: link to {file}#{anchor}: no such heading")
+    for anchor in README_LINK.findall(text):
+      if anchor != "readme" and anchor not in heading_slugs(README):
+        wrong.append(f"{page}.md: link to the README's #{anchor}: no such heading")
   assert not wrong, "cross-references to nothing:\n" + "\n".join(wrong)
 
 
