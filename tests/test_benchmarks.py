@@ -1,7 +1,7 @@
 """Smoke test of the overhead benchmark: it runs end to end and writes the expected JSON.
 
 No thresholds: timings in CI are noise. The full run (and its targets) is
-`python benchmarks/overhead.py`; its table is in the README.
+`python benchmarks/overhead.py`; its tables are on the site's benchmarks page (docs/benchmarks.md).
 """
 
 import json

@@ -104,7 +104,8 @@ def run(tx, params, batches, grads_and_grad_fn):
 
 
 def functional_from_clean_pass(model, output_loss):
-  """The README's recipe: `g` and `delta` from one forward pass and one VJP at `w`."""
+  """The Functional-SAM recipe of docs/variants.md: `g` and `delta` from one forward pass and one
+  VJP at `w`."""
   def grads_and_grad_fn(w, x, y):
     apply_fn, loss_fn = lambda p: model(p, x), lambda f: output_loss(f, y)
     outputs, pullback = jax.vjp(apply_fn, w)

@@ -1,46 +1,50 @@
-"""The README runs as written: every ```python block, each in a fresh interpreter.
+"""The README, the front page: its code runs as written, its links lead somewhere, and its tables
+hold what the rest of the repository says.
 
-A reader pastes a block into a new Python, so each block runs in its own process (nothing
-leaks from one block to the next, and the suite's float64 default does not apply), from an
-empty directory. A block whose first line is
-`# requires: ...` cannot run alone; a dedicated test below runs it in the environment it names.
-`test_every_block_is_run` checks that every block is run by exactly one test, so none can be
-skipped silently (and that no code block hides under another language tag).
+A reader pastes a block into a new Python, so each ```python block runs in its own process
+(nothing leaks from one block to the next, and the suite's float64 default does not apply),
+from an empty directory. `test_every_block_is_run` checks that no code block hides under
+another language tag. The manual behind the front page is the documentation site in docs/;
+tests/test_guides.py runs its blocks with the helpers of this module.
+
+The README is also the package's long description on PyPI, where a relative link leads nowhere:
+its links are absolute. Links into the site must name a page that the site's build produces,
+links into the repository a file or folder that exists, so that moving a page breaks a test.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 from typing import NamedTuple
 
 import pytest
 
-from tests.test_multihost import free_port, wait_all
+import sam_optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-REQUIRES = "# requires:"
 TIMEOUT_S = 180  # per block; a block takes a few seconds on an idle machine
 LANGUAGES = ("python", "bash")  # the fences the README may use; only python blocks run
-
-# Blocks that need more than a fresh interpreter: a phrase that identifies the block, and the
-# test here that runs it in the environment its `# requires:` line names.
-DEDICATED = {
-    "jax.distributed.initialize": "test_multihost_block_runs_on_two_processes",
-}
+# Where the site is published (pyproject.toml's Documentation URL) and where the repository is.
+SITE = "https://sam-optax.github.io/sam_optax/"
+REPOSITORY = "https://github.com/sam-optax/sam_optax"
 
 
 class Block(NamedTuple):
-  line: int      # 1-based line of the opening fence in README.md
+  line: int      # 1-based line of the opening fence in its file
   language: str  # the fence's tag
   text: str      # the code, with the fence's indentation removed
 
 
 def fenced_blocks(path=README) -> list[Block]:
   """Every fenced code block of a markdown file, indented ones (inside list items) included."""
+  name = os.path.relpath(path, ROOT)
   with open(path, encoding="utf-8") as f:
     lines = f.read().splitlines()
   blocks, opening = [], None
@@ -58,18 +62,14 @@ def fenced_blocks(path=README) -> list[Block]:
       start, language, indent, body = opening
       # Inside a list item every code line is indented at least as far as the fence.
       assert not line.strip() or line[:indent] == " " * indent, (
-          f"README.md:{number}: code line indented less than its fence (line {start})")
+          f"{name}:{number}: code line indented less than its fence (line {start})")
       body.append(line[indent:])
-  assert opening is None, f"README.md:{opening[0]}: code block never closed"
+  assert opening is None, f"{name}:{opening[0]}: code block never closed"
   return blocks
 
 
 def python_blocks() -> list[Block]:
   return [b for b in fenced_blocks() if b.language == "python"]
-
-
-def plain_blocks() -> list[Block]:
-  return [b for b in python_blocks() if not b.text.startswith(REQUIRES)]
 
 
 def block_id(block: Block) -> str:
@@ -99,36 +99,21 @@ def fresh_env(**extra) -> dict[str, str]:
   return env
 
 
-def report(block: Block, what: str, output: str) -> str:
+def report(block: Block, what: str, output: str, path: str = README) -> str:
   numbered = "\n".join(f"{block.line + i:4d} | {line}"
                        for i, line in enumerate(block.text.splitlines(), start=1))
-  return (f"README.md block at line {block.line} {what}.\n--- block ---\n{numbered}\n"
-          f"--- output ---\n{output[-6000:]}")
+  return (f"{os.path.relpath(path, ROOT)} block at line {block.line} {what}.\n"
+          f"--- block ---\n{numbered}\n--- output ---\n{output[-6000:]}")
 
 
 def test_every_block_is_run():
   blocks = fenced_blocks()
   others = [(b.line, b.language) for b in blocks if b.language not in LANGUAGES]
   assert not others, f"code blocks with a tag this test does not know (line, tag): {others}"
-  python = python_blocks()
-  assert len(python) >= 9, f"only {len(python)} python blocks found in README.md"
-  claimed = {name: [] for name in DEDICATED.values()}
-  for block in python:
-    if block.text.startswith(REQUIRES):
-      names = [name for phrase, name in DEDICATED.items() if phrase in block.text]
-      assert len(names) == 1, (f"README.md:{block.line}: a `{REQUIRES}` block must be run by "
-                               f"exactly one dedicated test in tests/test_readme.py, got {names}")
-      claimed[names[0]].append(block.line)
-    else:
-      # A `# requires:` line further down would not stop the plain run: it must come first.
-      assert REQUIRES not in block.text, f"README.md:{block.line}: `{REQUIRES}` not on line 1"
-      assert block in plain_blocks()
-  for name, lines in claimed.items():
-    assert callable(globals().get(name)), f"{name} is not a test of this module"
-    assert len(lines) == 1, f"{name} must run exactly one README block, runs {lines}"
+  assert python_blocks(), "no python block in README.md: the quick start is gone"
 
 
-@pytest.mark.parametrize("block", plain_blocks(), ids=block_id)
+@pytest.mark.parametrize("block", python_blocks(), ids=block_id)
 def test_block_runs(block, tmp_path):
   try:
     result = run_in_fresh_interpreter(block.text, tmp_path)
@@ -138,39 +123,173 @@ def test_block_runs(block, tmp_path):
                                         result.stdout + result.stderr)
 
 
-@pytest.mark.multidevice
-@pytest.mark.slow  # two JAX processes meeting over gloo
-def test_multihost_block_runs_on_two_processes(tmp_path):
-  """The several-hosts program, as 2 processes on 127.0.0.1 with 4 virtual CPU devices each.
+def test_ci_runs_exactly_the_readme_test_command():
+  """The set-up's test command is what `.ci/run` runs first, character for character."""
+  commands = [b.text.strip() for b in fenced_blocks() if b.language == "bash"
+              and b.text.startswith('pip install -e ".[test]"')]
+  assert commands == ['pip install -e ".[test]" && python -m pytest -n 2 -q'], commands
+  ci = pathlib.Path(ROOT, ".ci", "run").read_text(encoding="utf-8").splitlines()
+  assert any(line.startswith(commands[0] + " ||") for line in ci), (
+      f".ci/run does not run the README's test command {commands[0]!r}")
 
-  As `tests/test_multihost.py` does: the environment variables the block reads, gloo
-  collectives (the block sets them), output to files (a full pipe cannot block a process), and
-  if one process fails the other, waiting for it in a collective, is killed at once.
-  """
-  (block,) = [b for b in python_blocks() if "jax.distributed.initialize" in b.text]
-  script = tmp_path / "block.py"
-  script.write_text(block.text)
-  num_processes, port = 2, free_port()
-  procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(num_processes)]
-  try:
-    for rank, log_path in enumerate(logs):
-      flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-      env = fresh_env(JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(),
-                      COORDINATOR=f"127.0.0.1:{port}", NUM_PROCESSES=str(num_processes),
-                      RANK=str(rank))
-      with open(log_path, "w") as log:
-        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
-  finally:
-    wait_all(procs, TIMEOUT_S)
-  outputs = [log_path.read_text() for log_path in logs]
-  losses = []
-  for rank, (proc, output) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, report(
-        block, f"exited with {proc.returncode} in process {rank} (negative: killed after the "
-        f"other failed or past {TIMEOUT_S}s)", output)
-    match = re.search(rf"process {rank} of 2, 8 devices: loss (\S+)", output)
-    assert match, report(block, f"printed no result in process {rank}", output)
-    losses.append(float(match.group(1)))
-  # One global computation: both processes hold the same replicated params, hence the same loss.
-  assert losses[0] == losses[1], losses
+
+# --- the variants' table ------------------------------------------------------------------------
+
+def variant_constructors() -> dict[str, object]:
+  """{name: function}: every public constructor of a variant, `name(inner, ...)` (the engine
+  `sharpness_aware`, which takes the pieces rather than hyperparameters, is not a variant)."""
+  found = {}
+  for name in sam_optax.__all__:
+    obj = getattr(sam_optax, name)
+    if (inspect.isfunction(obj) and name != "sharpness_aware"
+        and next(iter(inspect.signature(obj).parameters), None) == "inner"):
+      found[name] = obj
+  return found
+
+
+def section(title: str) -> str:
+  text = pathlib.Path(README).read_text(encoding="utf-8")
+  match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+  assert match, f"README.md has no section '## {title}'"
+  return match.group(1)
+
+
+def table_rows(text: str) -> list[list[str]]:
+  """The cells of every row of the markdown tables in `text`, header and rule lines left out."""
+  rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+          for line in text.splitlines() if line.startswith("|")]
+  return [row for row in rows[1:] if not set("".join(row)) <= set("-: ")] if rows else []
+
+
+def test_every_variant_is_in_the_readme_with_its_reference():
+  """Each public variant has a row of the README's table, and the row links the first reference
+  of the variant's own docstring (so the two cannot name different papers)."""
+  rows = {re.match(r"`(\w+)`", row[0]).group(1): row
+          for row in table_rows(section("Variants")) if re.match(r"`(\w+)`", row[0])}
+  constructors = variant_constructors()
+  assert len(constructors) >= 28, sorted(constructors)
+  missing = sorted(set(constructors) - set(rows))
+  assert not missing, f"variants missing from the README's table: {missing}"
+  for name, function in constructors.items():
+    references = inspect.getdoc(function).split("References:", 1)[1]
+    first = re.search(r"https?://\S+?(?=[\s,;)]|$)", references).group(0)
+    assert f"({first})" in rows[name][-1], (
+        f"the README's row of `{name}` does not link its docstring's reference {first}")
+
+
+# --- the GPU figures: a compact copy of the benchmarks page's H200 table -------------------------
+
+BENCHMARK_NAMES = {"the floor": "floor", "`optax.contrib.sam`": "optax_sam",
+                   "`sam`, two-call form": "sam_two_call", "`looksam` (k=5)": "looksam"}
+
+
+def test_the_gpu_figures_are_the_benchmarks_pages():
+  """Every figure of the README's GPU table is the benchmarks page's, for the same contender."""
+  page = pathlib.Path(ROOT, "docs", "benchmarks.md").read_text(encoding="utf-8")
+  h200 = page.split("## On a GPU: NVIDIA H200, bfloat16", 1)[1].split("\nTargets,", 1)[0]
+  full = {row[0].strip("`"): row[1:] for row in table_rows(h200)}
+  compact = table_rows(section("Cost per step on a GPU"))
+  assert len(compact) >= 5, compact
+  for label, grads, *cells in compact:
+    name = BENCHMARK_NAMES.get(label, label.strip("`"))
+    assert name in full, f"README's GPU row {label!r}: no contender {name!r} on the page"
+    assert full[name] == [grads, *cells], (label, [grads, *cells], full[name])
+  for figure in ("1.34", "4.49", "11.12"):   # the hand-written step's milliseconds
+    assert figure in section("Cost per step on a GPU") and figure in h200, figure
+
+
+# --- links --------------------------------------------------------------------------------------
+
+class Link(NamedTuple):
+  line: int
+  url: str
+
+
+def links(path=README) -> list[Link]:
+  """Every link of a markdown file: inline `[text](url)` and reference definitions
+  `[key]: url` (code blocks left out)."""
+  found, in_code = [], False
+  for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(),
+                                start=1):
+    if line.strip().startswith("```"):
+      in_code = not in_code
+    if in_code:
+      continue
+    found += [Link(number, m) for m in re.findall(r"\]\(([^)\s]+)\)", line)]
+    definition = re.match(r"\s*\[[^\]]+\]:\s*(\S+)", line)
+    if definition:
+      found.append(Link(number, definition.group(1)))
+  return found
+
+
+def slug(title: str) -> str:
+  """A heading's anchor, as GitHub and the site (MyST's `github_slugify`) make it."""
+  return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def heading_slugs(path) -> set[str]:
+  text = pathlib.Path(path).read_text(encoding="utf-8")
+  return {slug(re.sub(r"`", "", m)) for m in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def site_source(page: str) -> pathlib.Path | None:
+  """The docs/ source of a site page (`guides/flax.html`, `` for the front page), if any."""
+  stem = page[:-len(".html")] if page.endswith(".html") else (page.rstrip("/") + "/index"
+                                                               if page else "index")
+  stem = stem.lstrip("/")
+  for suffix in (".md", ".ipynb", ".rst"):
+    candidate = pathlib.Path(ROOT, "docs", stem + suffix)
+    if candidate.exists():
+      return candidate
+  return None
+
+
+def site_links(path=README) -> list[tuple[str, str]]:
+  """(page, fragment) of every link of a markdown file into the site."""
+  return [tuple((link.url[len(SITE):] + "#").split("#")[:2])
+          for link in links(path) if link.url.startswith(SITE)]
+
+
+def test_links_lead_somewhere():
+  """Links into the site name a page it builds (its source exists; the site's build test checks
+  the built page and its anchor), links into the repository an existing path, links within the
+  README a heading; there are no relative links, which PyPI cannot follow."""
+  wrong = []
+  own = heading_slugs(README)
+  for line, url in links():
+    if url.startswith(SITE):
+      page, _, fragment = url[len(SITE):].partition("#")
+      source = site_source(page)
+      if source is None or "_build" in source.parts:
+        wrong.append(f"README.md:{line}: {url}: no page of the site (no source in docs/)")
+      elif fragment and source.suffix == ".md" and fragment not in heading_slugs(source):
+        wrong.append(f"README.md:{line}: {url}: no heading #{fragment} in {source.name}")
+    elif url.startswith(REPOSITORY + "/"):
+      match = re.fullmatch(re.escape(REPOSITORY) + r"/(?:blob|tree)/main/([^#]+)(#.*)?", url)
+      if not match or not pathlib.Path(ROOT, match.group(1)).exists():
+        wrong.append(f"README.md:{line}: {url}: no such path in the repository")
+    elif url.startswith("#"):
+      if url[1:] not in own:
+        wrong.append(f"README.md:{line}: {url}: no such heading in README.md")
+    elif not re.match(r"https?://", url):
+      wrong.append(f"README.md:{line}: {url}: a relative link (PyPI cannot follow it)")
+  assert not wrong, "\n".join(wrong)
+  pages = {page for page, _ in site_links()}
+  for page in ("how_it_works.html", "variants.html", "benchmarks.html", "api/index.html",
+               "notebooks/index.html", "guides/getting_started.html"):
+    assert page in pages, f"the README does not link the site's {page}"
+
+
+def test_every_reference_link_is_defined():
+  """A `[text][key]` with no `[key]: url` renders as plain brackets, silently."""
+  text = pathlib.Path(README).read_text(encoding="utf-8")
+  defined = set(re.findall(r"^\[([^\]]+)\]:", text, re.M))
+  used = set(re.findall(r"\]\[([^\]]+)\]", text))
+  assert used <= defined, f"reference links with no definition: {sorted(used - defined)}"
+
+
+def test_the_site_url_is_the_documentation_url_of_the_package():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    urls = tomllib.load(f)["project"]["urls"]
+  assert urls["Documentation"] == SITE
+  assert urls["Source"] == REPOSITORY

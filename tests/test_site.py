@@ -24,6 +24,8 @@ DOCS = ROOT / "docs"
 API = DOCS / "api"
 GUIDES = ("getting_started", "migrating_from_optax_contrib", "flax", "equinox", "distributed",
           "mixed_precision", "choosing_a_variant", "hyperparameter_sweeps", "diagnostics")
+# The manual that the README links to, at the site's top level.
+MANUAL = ("how_it_works", "variants", "benchmarks")
 BUILD_TIMEOUT_S = 900
 
 
@@ -94,7 +96,9 @@ def test_every_guide_is_in_the_guides_toctree():
   for guide in GUIDES:
     assert (DOCS / "guides" / f"{guide}.md").exists(), guide
     assert re.search(rf"^{guide}$", toctree, re.MULTILINE), f"{guide} not in guides/index.md"
-  assert re.search(r"^guides/index$", (DOCS / "index.md").read_text(), re.MULTILINE)
+  root = (DOCS / "index.md").read_text()
+  for page in ("guides/index", *MANUAL):
+    assert re.search(rf"^{page}$", root, re.MULTILINE), f"{page} not in index.md's toctree"
 
 
 def test_executed_notebooks_match_their_sources():
@@ -190,6 +194,15 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     assert page.exists() or any(a in group_pages for a in anchors), f"no page for {name}"
   for guide in GUIDES:
     assert (html / "guides" / f"{guide}.html").exists(), guide
+  for page in MANUAL:
+    assert (html / f"{page}.html").exists(), page
+  # Every link of the README into the site names a page of this build, and an anchor on it.
+  from tests.test_readme import site_links
+  for page, fragment in site_links():
+    built = html / (page or "index.html")
+    assert built.is_file(), f"the README links {page!r}, which the build did not produce"
+    if fragment:
+      assert f'id="{fragment}"' in built.read_text(), f"no #{fragment} on {page}"
   for notebook in (DOCS / "notebooks").glob("*.ipynb"):
     page = (html / "notebooks" / f"{notebook.stem}.html").read_text()
     assert "<img" in page or "output" in page, f"{notebook.stem}: rendered without outputs"
