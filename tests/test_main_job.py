@@ -108,3 +108,24 @@ def test_gradient_counter_counts_what_runs():
   for take in (True, False, True):
     jax.block_until_ready(f(jnp.ones(3), take))
   assert counter.total == 2
+
+
+def test_image_data_trains_the_cnn():
+  """`--dataset cifar10`'s path without the download: images (here the digits as 8x8x1) get
+  the CNN, and the same sweep, selection and evaluation run on it."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  data = train.split_and_corrupt("digit images", images[:300], labels[:300], images[1500:1600],
+                                 labels[1500:1600], validation=60, noise=0.4, seed=0)
+  args = train.parse_args(["--variants", "sam", "--epochs", "1", "--chunk-epochs", "1",
+                           "--seeds", "2"])
+  args.steps_per_epoch = 2
+  graphdef, params0 = train.split_model(data, [0, 1])
+  assert isinstance(train.nnx.merge(graphdef, train._tree_index(params0, 0)), train.CNN)
+  problem = train.Problem.make(data, graphdef, args)
+  method = dataclasses.replace(args.methods["sam"], grid=(0.1, 0.5))
+  sweep = train.sweep_method("sam", method, problem, params0, [0, 1], args, quiet)
+  assert sweep["curves"]["test_accuracy"].shape == (1, 2, 2)
+  assert np.isfinite(sweep["curves"]["train_loss"]).all()
