@@ -41,6 +41,9 @@ Protocol.
     time per step relative to SGD (a timed build without the counter continues training from
     the end state for `--timing-epochs`; all methods timed in interleaved rounds in one
     process, median over rounds).
+  * Randomness inside a variant (RST's coin flips, ESAM's draws) comes from the constructor's
+    static `seed` (0), the same for every training seed: the seeds vary the initialization
+    and the batch order only.
   * "Beats SGD": the mean test accuracy exceeds SGD's by more than the larger of the two
     standard deviations over seeds. The table says which methods do not.
 """
