@@ -12,8 +12,8 @@ diagonal of a quarter of the batch, one example at a time).
 Radius grids: where the main job measured a variant's scale, its grid; else a log grid
 (0.03 ... 3) on the radius's own scale, moved where a first full run selected an end of it.
 A selection at an end of its grid is marked * in the table: there the grid, not the variant,
-may limit the accuracy. The slowest here (SSAM-D's dynamic mask, SSAM-F's Fisher) are so
-mostly under vmap, where the mask's `lax.cond` computes the mask update at every step.
+may limit the accuracy. Sparse SAM's sweeps take most of the run (SSAM-D's about 7 minutes):
+under vmap its mask's `lax.cond` computes the mask update (or the Fisher) at every step.
 
 Writes `<out-dir>/frontier.md` (the table, with the machine, the versions and the date of the
 run), `frontier.png` (test accuracy against gradient evaluations and time per step) and
