@@ -88,3 +88,37 @@ def test_models_build():
     losses = jax.jit(problem.per_example_loss)(problem.params, problem.batch)  # K-SAM's ranking
     assert losses.shape == (problem.batch_size,), name
     assert jnp.allclose(jnp.mean(losses), loss, rtol=1e-5), name
+
+
+FRONTIER = os.path.join(ROOT, "benchmarks", "frontier.py")
+
+
+def test_frontier_covers_the_catalogue():
+  """Every catalogue entry has a frontier method (and SGD, the baseline)."""
+  from tests.catalogue import CATALOGUE
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import frontier
+  finally:
+    sys.path.pop(0)
+  assert {v.name for v in CATALOGUE} | {"sgd"} <= set(frontier.VARIANTS)
+  assert frontier.VARIANTS["sparse_sam_fisher"].needs_fisher
+
+
+@pytest.mark.slow  # a benchmark run (five variants, tiny sizes); the full suite runs it
+def test_frontier_smoke(tmp_path):
+  result = subprocess.run(
+      [sys.executable, FRONTIER, "--smoke", "--out-dir", str(tmp_path)], cwd=ROOT,
+      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads((tmp_path / "frontier.json").read_text())
+  results = {r["variant"]: r for r in report["results"]}
+  assert list(results) == ["sgd", "sam", "husam", "sparse_sam_fisher", "lookbehind_sam"]
+  assert results["sam"]["gradients_per_step"] == 2
+  assert results["husam"]["hvps_per_step"] == pytest.approx(1)
+  # The Fisher mask's single-example gradients (a quarter of the batch) on its update steps.
+  assert results["sparse_sam_fisher"]["gradients_per_step"] > 2
+  assert results["lookbehind_sam"]["gradients_per_step"] > 2
+  table = (tmp_path / "frontier.md").read_text()
+  assert "| SAM |" in table and report["machine"]["jax"] in table
+  assert (tmp_path / "frontier.png").stat().st_size > 0
