@@ -34,6 +34,8 @@ LANGUAGES = ("python", "bash")  # the fences the README may use; only python blo
 # Where the site is published (pyproject.toml's Documentation URL) and where the repository is.
 SITE = "https://sam-optax.github.io/sam_optax/"
 REPOSITORY = "https://github.com/sam-optax/sam_optax"
+# Files the README shows (images) are read from the repository's main branch.
+RAW = "https://raw.githubusercontent.com/sam-optax/sam_optax/main"
 
 
 class Block(NamedTuple):
@@ -268,6 +270,9 @@ def test_links_lead_somewhere():
       match = re.fullmatch(re.escape(REPOSITORY) + r"/(?:blob|tree)/main/([^#]+)(#.*)?", url)
       if not match or not pathlib.Path(ROOT, match.group(1)).exists():
         wrong.append(f"README.md:{line}: {url}: no such path in the repository")
+    elif url.startswith(RAW + "/"):
+      if not pathlib.Path(ROOT, url[len(RAW) + 1:]).is_file():
+        wrong.append(f"README.md:{line}: {url}: no such file in the repository")
     elif url.startswith("#"):
       if url[1:] not in own:
         wrong.append(f"README.md:{line}: {url}: no such heading in README.md")
@@ -293,3 +298,17 @@ def test_the_site_url_is_the_documentation_url_of_the_package():
     urls = tomllib.load(f)["project"]["urls"]
   assert urls["Documentation"] == SITE
   assert urls["Source"] == REPOSITORY
+
+
+def test_the_frontier_table_is_the_last_runs():
+  """The README shows benchmarks/frontier.py's table as its last run wrote it (the run's date,
+  machine and versions line, and every row): rerunning the benchmark without updating the
+  README fails here, as does a row edited by hand."""
+  written = pathlib.Path(ROOT, "benchmarks", "results", "frontier.md").read_text(encoding="utf-8")
+  readme = pathlib.Path(README).read_text(encoding="utf-8").splitlines()
+  run_line = [line for line in written.splitlines() if line.startswith("Run ")]
+  rows = [line for line in written.splitlines() if line.startswith("|")]
+  assert len(run_line) == 1 and len(rows) > 30, "benchmarks/results/frontier.md lost its table"
+  assert run_line[0] in readme, "the README does not give the frontier run's date and machine"
+  start = readme.index(rows[0])
+  assert readme[start:start + len(rows)] == rows, "the README's frontier table is not the run's"
