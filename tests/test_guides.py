@@ -35,7 +35,7 @@ MANUAL = ("how_it_works", "variants", "benchmarks")
 # Pages whose blocks are cheap (a few seconds each): the fast tier runs them.
 FAST_PAGES = ("index", "how_it_works", "variants", "guides/getting_started")
 # MyST directives that hold no code (a `{code-cell}` would be code that no test runs).
-DIRECTIVES = ("{toctree}",)
+DIRECTIVES = ("{toctree}", "{include}")
 # The several-hosts program: run as one process like every block, and as two processes below.
 MULTIHOST = ("guides/distributed", "jax.distributed.initialize")
 

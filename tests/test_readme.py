@@ -53,7 +53,8 @@ def fenced_blocks(path=README) -> list[Block]:
   for number, line in enumerate(lines, start=1):
     stripped = line.strip()
     if opening is None:
-      match = re.fullmatch(r"( *)```(\S*)\s*", line)
+      # A MyST directive may take an argument on its opening line (```{include} path).
+      match = re.fullmatch(r"( *)```(\S*)(?:[ \t]+\S.*)?\s*", line)
       if match:
         opening = (number, match.group(2), len(match.group(1)), [])
     elif stripped == "```":
