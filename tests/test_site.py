@@ -18,14 +18,11 @@ import textwrap
 import pytest
 
 import sam_optax
+from tests.test_guides import GUIDES, MANUAL  # the nine guides; the manual's pages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API = DOCS / "api"
-GUIDES = ("getting_started", "migrating_from_optax_contrib", "flax", "equinox", "distributed",
-          "mixed_precision", "choosing_a_variant", "hyperparameter_sweeps", "diagnostics")
-# The manual that the README links to, at the site's top level.
-MANUAL = ("how_it_works", "variants", "benchmarks")
 BUILD_TIMEOUT_S = 900
 
 
